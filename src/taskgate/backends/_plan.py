@@ -1,0 +1,562 @@
+"""Pure marshalling and decoding shared by every Redis-speaking door (sync, async, embedded).
+
+A :class:`Plan` is everything one EVALSHA needs (script, KEYS, ARGV) plus the function that decodes its reply.
+Planning validates arguments, so bad input fails here with a clear ValueError before any round trip.
+
+Counters (:mod:`taskgate.engine.keys` has the layout and the Redis Cluster choice): a counted operation of
+a policy with ``counters: true`` gets the policy's stats keys after its own KEYS and one stats argument after
+its ARGV (mode ``inline``), or, on a cluster where those keys are in another slot, no stats keys and a reply
+that carries the counts (mode ``collect``: ``Plan.collect`` names the policy; :class:`StatsBuffer` sums the
+counts until the backend sends them with :meth:`Planner.stats_flush`).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from taskgate.engine import Script, StatsMode, script
+from taskgate.engine.keys import STATS_FLUSH_S, escape, keyset, member_head, shares_stats_slot, stats_keys
+from taskgate.errors import OperationNotSupportedError
+from taskgate.logs import key_text
+from taskgate.policy import Policies, Policy, RateSpec
+from taskgate.types import Decision, Forecast, LeaseRef, Settlement
+
+T = TypeVar("T")
+MAX_KEY_BYTES = 1024
+MAX_MANY = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Plan(Generic[T]):
+    script: Script
+    keys: list[str]
+    args: list[str | int | float]
+    decode: Callable[[Any], T]
+    collect: str = ""  # stats mode collect: the policy whose counts the reply carries ({reply, deltas})
+
+
+def check_key(key: object) -> str:
+    if not isinstance(key, str):  # not a key at all: say what it is
+        raise ValueError(f"key must be a non-empty string, got {type(key).__name__} {key!r}")
+    # a key can be personal data: the messages show one only when allowed (taskgate.log_keys)
+    if not key:
+        raise ValueError("key must be a non-empty string, got ''")
+    try:
+        size = len(key.encode("utf-8"))
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            f"key is not valid Unicode text ({e.reason} at {e.start}): {key_text(key)}"
+        ) from None
+    if size > MAX_KEY_BYTES:
+        raise ValueError(f"key is longer than {MAX_KEY_BYTES} bytes (UTF-8): {key_text(key)}")
+    return key
+
+
+def check_now(now: object) -> int:
+    if now is None:
+        return 0
+    if isinstance(now, bool) or not isinstance(now, int) or now <= 0:
+        raise ValueError(f"now must be epoch milliseconds as a positive int, got {now!r}")
+    return now
+
+
+def check_units(value: object, name: str, policy: str, maximum: int | None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(
+            f"{name} {value} can never be admitted by policy {policy!r} (at most {maximum} per call): "
+            "it would be deferred forever"
+        )
+    return value
+
+
+def _s(v: object) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def decode_decision(raw: Sequence[Any], i: int = 0) -> Decision:
+    return Decision(
+        allowed=int(raw[i]) == 1,
+        limit=int(raw[i + 1]),
+        remaining=int(raw[i + 2]),
+        reset_at=int(raw[i + 3]),
+        retry_after_ms=int(raw[i + 4]),
+        booked=int(raw[i + 5]) == 1,
+        booking_token=_s(raw[i + 6]) if len(raw) > i + 6 else "",
+    )
+
+
+def decode_many(raw: Sequence[Any]) -> list[Decision]:
+    return [decode_decision(raw, i) for i in range(0, len(raw), 7)]
+
+
+def decode_forecast(raw: Sequence[Any]) -> Forecast:
+    return Forecast(spendable_now=int(raw[0]), next_replenish_at=int(raw[1]), full_at=int(raw[2]))
+
+
+class Planner:
+    """Turns public calls into :class:`Plan` objects for one set of policies and one key prefix.
+    ``cluster=True``: the client is a Redis Cluster client (counters of per-key policies are collected)."""
+
+    def __init__(self, policies: Policies, prefix: str = "taskgate", *, cluster: bool = False) -> None:
+        if not isinstance(prefix, str) or not prefix or "{" in prefix or "}" in prefix:
+            raise ValueError(f"prefix must be a non-empty string without braces, got {prefix!r}")
+        self.policies = policies
+        self.prefix = prefix
+        self.cluster = cluster
+        self._stats_of: dict[str, tuple[StatsMode, list[str], int]] = {}
+
+    def _stats(self, p: Policy) -> tuple[StatsMode, list[str], int]:
+        """(mode, stats keys to append, the check script's member offset) of policy ``p``."""
+        got = self._stats_of.get(p.name)
+        if got is not None:
+            return got
+        mode: StatsMode
+        if not p.counters:
+            mode = "off"
+        elif self.cluster and not shares_stats_slot(p):
+            mode = "collect"
+        else:
+            mode = "inline"
+        skeys = list(stats_keys(self.prefix, p.name)) if mode == "inline" else []
+        if not p.budgets:
+            del skeys[3:]  # it never spends: no top-spender sets
+        got = self._stats_of[p.name] = (mode, skeys, member_head(self.prefix, p))
+        return got
+
+    def _counted(
+        self,
+        p: Policy,
+        op: str,
+        strategy: str | None,
+        keys: list[str],
+        args: list[str | int | float],
+        decode: Callable[[Any], T],
+        member: str | None,
+    ) -> Plan[T]:
+        """The plan of a counted operation; ``member`` is the caller's key (None: check, cut from KEYS)."""
+        mode, skeys, head = self._stats(p)
+        if mode == "off":
+            return Plan(script(op, strategy), keys, args, decode)
+        arg: str | int = head if member is None else escape(member)
+        return Plan(
+            script(op, strategy, mode, len(skeys) or 5),
+            keys + skeys if skeys else keys,
+            [*args, arg],
+            decode,
+            p.name if mode == "collect" else "",
+        )
+
+    def stats_flush(self, policy: str, now: int, delta: StatsDelta) -> Plan[None]:
+        """Write counts collected in cluster mode (``now``: any epoch-ms of the second they belong to)."""
+        return Plan(script("stats"), list(stats_keys(self.prefix, policy)), [now, *delta.args()], _none)
+
+    def policy(self, name: str) -> Policy:
+        if not isinstance(name, str):
+            raise ValueError(f"policy must be a policy name (str), got {name!r}")
+        return self.policies[name]
+
+    def _rate_policy(self, name: str, op: str) -> tuple[Policy, RateSpec]:
+        p = self.policy(name)
+        if p.rate is None:
+            raise OperationNotSupportedError(
+                f"{op} needs a rate axis, and policy {name!r} has none ({p.kind}); use admit"
+                + (" or debit" if p.budgets else "")
+            )
+        return p, p.rate
+
+    @staticmethod
+    def _rate_args(p: Policy, rate: RateSpec) -> list[str | int | float]:
+        return [*rate.params(), p.booking_horizon_ms]
+
+    def check(
+        self,
+        name: str,
+        key: str,
+        cost: int = 1,
+        now: int | None = None,
+        *,
+        book: bool = False,
+        token: str = "",
+    ) -> Plan[Decision]:
+        p, rate = self._rate_policy(name, "check")
+        check_key(key)
+        check_units(cost, "cost", name, rate.max_cost)
+        ks = keyset(self.prefix, p, key)
+        # b: redeem a token and/or book; t: redeem a token only; c: plain consume
+        mode = "b" if book and p.booking_horizon_ms > 0 else ("t" if token else "c")
+        keys = [ks.rate, ks.bookings] if mode != "c" else [ks.rate]
+        args: list[str | int | float] = [check_now(now), mode, cost, token or "", p.booking_grace_ms]
+        return self._counted(
+            p, "check", rate.strategy, keys, args + self._rate_args(p, rate), decode_decision, None
+        )
+
+    def check_many(
+        self, name: str, keys: Sequence[str], cost: int = 1, now: int | None = None
+    ) -> Plan[list[Decision]]:
+        p, rate = self._rate_policy(name, "check_many")
+        if isinstance(keys, str) or not isinstance(keys, Sequence):
+            raise ValueError(f"keys must be a sequence of strings, got {type(keys).__name__}")
+        if len(keys) > MAX_MANY:
+            raise ValueError(f"check_many takes at most {MAX_MANY} keys, got {len(keys)}")
+        check_units(cost, "cost", name, rate.max_cost)
+        rk = [keyset(self.prefix, p, check_key(k)).rate for k in keys]
+        args: list[str | int | float] = [check_now(now), "c", cost, "", 0]
+        return self._counted(
+            p, "check", rate.strategy, rk, args + self._rate_args(p, rate), decode_many, None
+        )
+
+    def peek(self, name: str, key: str, now: int | None = None) -> Plan[Decision]:
+        p, rate = self._rate_policy(name, "peek")
+        check_key(key)
+        args: list[str | int | float] = [check_now(now), "p", 1, "", 0]
+        ks = keyset(self.prefix, p, key)
+        return Plan(
+            script("check", rate.strategy), [ks.rate], args + self._rate_args(p, rate), decode_decision
+        )
+
+    def forecast(self, name: str, key: str, cost: int = 1, now: int | None = None) -> Plan[Forecast]:
+        p, rate = self._rate_policy(name, "forecast")
+        check_key(key)
+        check_units(cost, "cost", name, rate.max_cost)
+        ks = keyset(self.prefix, p, key)
+        args: list[str | int | float] = [check_now(now), *self._rate_args(p, rate)]
+        return Plan(script("forecast", rate.strategy), [ks.rate], args, decode_forecast)
+
+    def reset(self, name: str, key: str) -> Plan[int]:
+        p = self.policy(name)
+        check_key(key)
+        ks = keyset(self.prefix, p, key)
+        keys = [ks.rate, ks.bookings, *(ks.budget(i) for i in range(len(p.budgets)))]
+        if p.concurrency is not None and p.concurrency.per_key:
+            keys += [ks.leases, ks.meta, ks.waiters]
+        return Plan(script("reset"), keys, [], int)
+
+
+@dataclass(frozen=True, slots=True)
+class AdmitReply:
+    decision: Decision
+    binding_axis: str
+    lease: LeaseRef | None
+    lease_expires_at: int
+    reservation_id: str
+    reserved_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveReply:
+    decision: Decision
+    reservation_id: str
+    expires_at: int
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatReply:
+    live: list[str]
+    reclaimed: list[str]
+    next_deadline: int
+
+
+def _holder(holder: str | None) -> str:
+    """A unique lease holder: the caller's name (e.g. a task id, for operators) plus a random suffix, so two
+    leases of one holder can never share an id and a stale release can never free the newer lease."""
+    if holder is None:
+        return uuid.uuid4().hex
+    if not isinstance(holder, str) or not holder or ":" in holder or len(holder) > 200:
+        raise ValueError(
+            f"holder must be a non-empty string without ':' of at most 200 chars, got {holder!r}"
+        )
+    return f"{holder}.{uuid.uuid4().hex[:12]}"
+
+
+def _budget_args(p: Policy) -> list[str | int | float]:
+    out: list[str | int | float] = [len(p.budgets)]
+    for b in p.budgets:
+        out += [b.budget, b.window_ms]
+    return out
+
+
+def _tokens(value: object, minimum: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"tokens must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def _budget_policy(planner: Planner, name: str, op: str) -> Policy:
+    p = planner.policy(name)
+    if not p.budgets:
+        raise OperationNotSupportedError(f"{op} needs a tokenBudget, and policy {name!r} has none ({p.kind})")
+    return p
+
+
+def _res_ttl(p: Policy) -> int:
+    """How long a reservation's record is kept: its longest window, plus that again (at least a minute) for
+    a holder that settles late (a long body, a paused worker): settle then still knows the estimate and
+    charges only the difference, instead of debiting the actual on top of the estimate."""
+    longest = max(b.window_ms for b in p.budgets)
+    return longest + max(longest, 60_000)
+
+
+class AxesPlanner(Planner):
+    """Planning of the concurrency and cost axes and of admit (rate x concurrency x cost)."""
+
+    def admit(
+        self,
+        name: str,
+        key: str,
+        cost: int = 1,
+        tokens: int = 0,
+        now: int | None = None,
+        *,
+        holder: str | None = None,
+        book: bool = False,
+        token: str = "",
+    ) -> Plan[AdmitReply]:
+        p = self.policy(name)
+        if not p.admits:
+            raise OperationNotSupportedError(
+                f"admit needs a concurrency or tokenBudget axis, and policy {name!r} is a plain rate "
+                "limiter: "
+                "use check"
+            )
+        check_key(key)
+        check_units(cost, "cost", name, p.rate.max_cost if p.rate else None)
+        _tokens(tokens)
+        if tokens and not p.budgets:
+            raise ValueError(f"tokens={tokens} given, but policy {name!r} has no tokenBudget")
+        escrow = p.accounting == "escrow" and tokens > 0
+        if escrow and tokens > min(b.budget for b in p.budgets):
+            raise ValueError(
+                f"tokens {tokens} can never be admitted by policy {name!r} "
+                f"(its smallest budget is {min(b.budget for b in p.budgets)}): it would be deferred forever"
+            )
+        ks = keyset(self.prefix, p, key)
+        rid = uuid.uuid4().hex if escrow else ""
+        c = p.concurrency
+        hold = _holder(holder) if c is not None else ""
+        keys = [ks.rate, ks.bookings, ks.leases, ks.meta, ks.waiters, ks.reservation(rid or "-")]
+        keys += [ks.budget(i) for i in range(len(p.budgets))]
+        args: list[str | int | float] = [
+            check_now(now),
+            cost,
+            tokens,
+            hold,
+            c.lease_ttl_ms if c else 0,
+            c.min_limit if c else 0,
+            c.max_limit if c else 0,
+            "e" if p.accounting == "escrow" else "d",
+            "1" if book and p.booking_horizon_ms > 0 else "0",
+            token or "",
+            p.booking_grace_ms,
+            _res_ttl(p) if p.budgets else 0,
+            *_budget_args(p),
+            *(p.rate.params() if p.rate else []),
+            p.booking_horizon_ms,
+        ]
+
+        def decode(raw: Sequence[Any]) -> AdmitReply:
+            member = _s(raw[8])
+            lease = LeaseRef.make(name, key, member) if member else None
+            reserved = int(raw[10])
+            return AdmitReply(
+                decode_decision(raw), _s(raw[7]), lease, int(raw[9]), rid if reserved else "", reserved
+            )
+
+        return self._counted(p, "admit", p.rate.strategy if p.rate else None, keys, args, decode, key)
+
+    def _lease_set(self, lease: LeaseRef) -> tuple[Policy, list[str]]:
+        p = self.policy(lease.policy)
+        if p.concurrency is None:
+            raise OperationNotSupportedError(
+                f"policy {lease.policy!r} has no concurrency axis: nothing to release"
+            )
+        ks = keyset(self.prefix, p, lease.key)
+        return p, [ks.leases, ks.meta]
+
+    def release(self, lease_id: str, dropped: bool = False, now: int | None = None) -> Plan[bool]:
+        lease = LeaseRef.parse(lease_id)
+        p, keys = self._lease_set(lease)
+        c = p.concurrency
+        assert c is not None
+        args: list[str | int | float] = [
+            check_now(now),
+            lease.member,
+            "1" if dropped else "0",
+            c.min_limit,
+            c.max_limit,
+        ]
+        return self._counted(p, "release", None, keys, args, _released, "")
+
+    def heartbeat(self, lease_ids: Sequence[str], now: int | None = None) -> list[Plan[HeartbeatReply]]:
+        """One plan per lease set (leases of one policy, or of one (policy, key) for per-key limits)."""
+        groups: dict[tuple[str, ...], tuple[Policy, list[LeaseRef]]] = {}
+        for lid in lease_ids:
+            lease = LeaseRef.parse(lid)
+            p, lkeys = self._lease_set(lease)
+            groups.setdefault(tuple(lkeys), (p, []))[1].append(lease)
+        plans: list[Plan[HeartbeatReply]] = []
+        for gkeys, (p, leases) in groups.items():
+            by_member = {lease.member: lease.id for lease in leases}
+            c = p.concurrency
+            assert c is not None
+
+            def decode(raw: Sequence[Any], by_member: dict[str, str] = by_member) -> HeartbeatReply:
+                items = [_s(x) for x in raw[:-1]]
+                bar = items.index("|")
+                return HeartbeatReply(
+                    [by_member[m] for m in items[:bar]],
+                    [by_member[m] for m in items[bar + 1 :]],
+                    int(raw[-1]),
+                )
+
+            args: list[str | int | float] = [check_now(now), c.lease_ttl_ms, *by_member]
+            plans.append(self._counted(p, "heartbeat", None, list(gkeys), args, decode, ""))
+        return plans
+
+    def debit(self, name: str, key: str, tokens: int = 1, now: int | None = None) -> Plan[Decision]:
+        p = _budget_policy(self, name, "debit")
+        check_key(key)
+        _tokens(tokens, 1)
+        ks = keyset(self.prefix, p, key)
+        keys = [ks.budget(i) for i in range(len(p.budgets))]
+        args: list[str | int | float] = [check_now(now), tokens, *_budget_args(p)]
+        return self._counted(p, "debit", None, keys, args, decode_decision, key)
+
+    def reserve(self, name: str, key: str, tokens: int, now: int | None = None) -> Plan[ReserveReply]:
+        p = _budget_policy(self, name, "reserve")
+        check_key(key)
+        _tokens(tokens, 1)
+        smallest = min(b.budget for b in p.budgets)
+        if tokens > smallest:
+            raise ValueError(
+                f"tokens {tokens} can never be reserved under policy {name!r} "
+                f"(its smallest budget is {smallest})"
+            )
+        ks = keyset(self.prefix, p, key)
+        rid = uuid.uuid4().hex
+        keys = [ks.reservation(rid), *(ks.budget(i) for i in range(len(p.budgets)))]
+        args: list[str | int | float] = [check_now(now), tokens, _res_ttl(p), *_budget_args(p)]
+
+        def decode(raw: Sequence[Any]) -> ReserveReply:
+            d = decode_decision(raw)
+            return ReserveReply(d, rid if d.allowed else "", int(raw[7]))
+
+        return self._counted(p, "reserve", None, keys, args, decode, key)
+
+    def settle(
+        self, name: str, key: str, reservation_id: str, actual: int, now: int | None = None
+    ) -> Plan[Settlement]:
+        p = _budget_policy(self, name, "settle")
+        check_key(key)
+        _tokens(actual, 0)
+        if not isinstance(reservation_id, str) or not reservation_id.isalnum():
+            raise ValueError(f"not a reservation id: {reservation_id!r}")
+        ks = keyset(self.prefix, p, key)
+        keys = [ks.reservation(reservation_id), *(ks.budget(i) for i in range(len(p.budgets)))]
+        args: list[str | int | float] = [check_now(now), actual, *_budget_args(p)]
+        return self._counted(
+            p,
+            "settle",
+            None,
+            keys,
+            args,
+            lambda raw: Settlement(decode_decision(raw), int(raw[7]), int(raw[8])),
+            key,
+        )
+
+
+def _released(raw: Any) -> bool:
+    return int(raw) == 1
+
+
+def _none(raw: Any) -> None:
+    return None
+
+
+@dataclass
+class StatsDelta:
+    """Counts collected by decisions (cluster mode), summed until they are sent."""
+
+    counters: dict[str, int] = field(default_factory=dict)
+    denied: dict[str, int] = field(default_factory=dict)
+    spent: dict[str, int] = field(default_factory=dict)
+
+    def add(self, raw: Sequence[Any], at: int = 1) -> None:
+        """Add the deltas of one reply (the part after ``now``: see ``lua/stats.lua``)."""
+        for m in (self.counters, self.denied, self.spent):
+            n = int(raw[at])
+            for j in range(n):
+                name = _s(raw[at + 1 + 2 * j])
+                m[name] = m.get(name, 0) + int(raw[at + 2 + 2 * j])
+            at += 1 + 2 * n
+
+    def merge(self, other: StatsDelta) -> None:
+        for mine, theirs in (
+            (self.counters, other.counters),
+            (self.denied, other.denied),
+            (self.spent, other.spent),
+        ):
+            for k, v in theirs.items():
+                mine[k] = mine.get(k, 0) + v
+
+    def args(self) -> list[str | int | float]:
+        out: list[str | int | float] = []
+        for m in (self.counters, self.denied, self.spent):
+            out.append(len(m))
+            for k, v in m.items():
+                out += [k, v]
+        return out
+
+
+class StatsBuffer:
+    """Deltas of cluster-mode decisions per (policy, second), thread-safe. ``due()`` once the oldest has
+    waited ``flush_s``: the backend then sends them with its next call (pipelined) or from its timer."""
+
+    def __init__(self, flush_s: float = STATS_FLUSH_S, clock: Callable[[], float] = time.monotonic) -> None:
+        self.flush_s = flush_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._pending: dict[tuple[str, int], StatsDelta] = {}
+        self._since = 0.0
+
+    def add(self, policy: str, raw: Sequence[Any]) -> None:
+        """Add a reply's deltas (``{now, nc, ...}``) for ``policy``."""
+        sec = int(raw[0]) // 1000
+        with self._lock:
+            if not self._pending:
+                self._since = self._clock()
+            d = self._pending.get((policy, sec))
+            if d is None:
+                d = self._pending[(policy, sec)] = StatsDelta()
+            d.add(raw)
+
+    def __bool__(self) -> bool:
+        return bool(self._pending)
+
+    def due(self) -> bool:
+        return bool(self._pending) and self._clock() - self._since >= self.flush_s
+
+    def take(self) -> list[tuple[str, int, StatsDelta]]:
+        with self._lock:
+            items, self._pending = self._pending, {}
+        return [(p, sec, d) for (p, sec), d in items.items()]
+
+    def put_back(self, items: list[tuple[str, int, StatsDelta]]) -> None:
+        """Keep deltas that could not be sent, for the next try."""
+        with self._lock:
+            if not self._pending:
+                self._since = self._clock()
+            for p, sec, d in items:
+                mine = self._pending.get((p, sec))
+                if mine is None:
+                    self._pending[(p, sec)] = d
+                else:
+                    mine.merge(d)

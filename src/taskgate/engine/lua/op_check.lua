@@ -1,0 +1,51 @@
+-- op check: consume (check, check_many), peek, or redeem-a-booking (and book on a denial), on one strategy.
+-- KEYS  mode c|p: KEYS[1..n] rate keys (check_many: all in one call, one instant)
+--       mode b|t: KEYS[1] rate key, KEYS[2] bookings (sorted set: token -> valid_at)
+-- ARGV  [1] now (epoch-ms; 0 = Redis TIME)  [2] mode c (consume) | p (peek) | b (redeem the token if any,
+--       else consume or book) | t (redeem the token if any, else consume; never book)
+--       [3] cost  [4] booking token to redeem ("" none); a token past valid_at + grace is no token
+--       [5] booking grace ms  [6..] strategy params (see the rate fragment)
+-- Reply per key, flattened: allowed(1/0), limit, remaining, reset_at, retry_after_ms, booked(1/0), token("")
+-- Counters (policy `counters: true`): stats.lua wraps this body and adds its KEYS and one ARGV after these.
+local now = tg_now(ARGV[1])
+local mode = ARGV[2]
+local cost = tonumber(ARGV[3])
+local token = ARGV[4]
+local grace = tonumber(ARGV[5])
+local P = rate_params(ARGV, 6)
+local out = {}
+if mode == 'b' or mode == 't' then
+  local key, bk = KEYS[1], KEYS[2]
+  if token ~= '' then
+    local valid_at = tonumber(redis.call('ZSCORE', bk, token))
+    if valid_at ~= nil and now > valid_at + grace then valid_at = nil end  -- past its grace: no token
+    if valid_at ~= nil then
+      if now < valid_at then
+        local d = rate_decide(key, now, cost, P, false, false)
+        return { 0, d[2], 0, d[4], tg_ceil(valid_at - now), 1, token }
+      end
+      redis.call('ZREM', bk, token)
+      local d = rate_decide(key, now, cost, P, false, false)
+      return { 1, d[2], d[3], d[4], 0, 0, '' }
+    end
+  end
+  local d = rate_decide(key, now, cost, P, true, mode == 'b')
+  if d[6] == 1 then
+    local valid_at = now + d[5]
+    local tok = tostring(valid_at) .. '.' .. tostring(redis.call('ZCARD', bk) + 1) .. '.' .. tostring(now)
+    redis.call('ZREMRANGEBYSCORE', bk, '-inf', now - grace)
+    redis.call('ZADD', bk, valid_at, tok)
+    tg_pexpire(bk, d[5] + grace)
+    d[7] = tok
+    return d
+  end
+  d[7] = ''
+  return d
+end
+local consume = (mode == 'c')
+for i = 1, NK do
+  local d = rate_decide(KEYS[i], now, cost, P, consume, false)
+  for j = 1, 6 do out[#out + 1] = d[j] end
+  out[#out + 1] = ''
+end
+return out

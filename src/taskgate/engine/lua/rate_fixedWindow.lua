@@ -1,0 +1,40 @@
+-- Rate fragment: fixed window (ThrottleKit-compatible state).
+-- State at the rate key: hash s (window start, epoch-aligned: now - now % window), c (count); PEXPIRE to the
+-- window end. Params P: limit, window_ms, booking_horizon_ms (unused). Decision.limit = limit;
+-- reset_at = window end; a denial's retry_after = time to the window end.
+local function rate_params(argv, i)
+  return { limit = tonumber(argv[i]), window = tonumber(argv[i + 1]), horizon = tonumber(argv[i + 2]) }, i + 3
+end
+
+local function fw_count(key, now, P)
+  local start = now - (now % P.window)
+  local st = redis.call('HMGET', key, 's', 'c')
+  local c = 0
+  if tonumber(st[1]) == start then c = tonumber(st[2]) or 0 end
+  return start, c
+end
+
+local function rate_decide(key, now, cost, P, consume, book)
+  local start, c = fw_count(key, now, P)
+  local wend = start + P.window
+  if c + cost <= P.limit then
+    if not consume then return { 1, P.limit, P.limit - c, wend, 0, 0 } end
+    c = c + cost
+    redis.call('HSET', key, 's', start, 'c', c)
+    tg_pexpire(key, wend - now)
+    return { 1, P.limit, P.limit - c, wend, 0, 0 }
+  end
+  local rem = P.limit - c
+  if rem < 0 then rem = 0 end
+  return { 0, P.limit, rem, wend, math.max(1, wend - now), 0 }
+end
+
+local function rate_forecast(key, now, P)
+  local start, c = fw_count(key, now, P)
+  local wend = start + P.window
+  local next_at, full_at = now, now
+  if c > 0 then next_at, full_at = wend, wend end
+  return { math.max(0, P.limit - c), next_at, full_at }
+end
+
+local function rate_max_cost(P) return P.limit end

@@ -1,0 +1,274 @@
+"""RQ integration on real ``rq worker`` processes (forking horses, RQ's own scheduler) on the real Redis.
+
+Each test starts its own workers (``tests.apps.rq_jobs.RecordingWorker``, ``--job-class taskgate.rq.Job``) on
+a queue of its own (RQ in db 6, the taskgate store in db 9 under a unique prefix), drives a workload and reads
+what the job bodies recorded. Real time is used here; the assertions measure rather than sleep-and-hope.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from rq import Callback, Queue, Retry
+from rq.job import Job, JobStatus
+
+import taskgate
+from tests.apps import rq_jobs as jobs
+from tests.conftest import REDIS_URL, redis_up, require
+
+pytestmark = pytest.mark.slow
+HERE = Path(__file__).resolve().parent
+RQ_URL = os.environ.get("TASKGATE_TEST_RQ_URL", "redis://127.0.0.1:6379/6")
+
+
+def max_in_window(times: list[float], width: float = 1.0) -> int:
+    times = sorted(times)
+    j, best = 0, 0
+    for i, t in enumerate(times):
+        while times[j] <= t - width:
+            j += 1
+        best = max(best, i - j + 1)
+    return best
+
+
+class Fleet:
+    def __init__(self, extra_env: dict[str, str]) -> None:
+        self.prefix = f"tgq{uuid.uuid4().hex[:10]}"
+        self.env = {
+            **os.environ,
+            "TG_STORE": REDIS_URL,
+            "TG_PREFIX": self.prefix,
+            "PYTHONPATH": str(HERE.parent),
+            **extra_env,
+        }
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.logs: list[Path] = []
+        self.r = redis.Redis.from_url(RQ_URL)
+        self.q = Queue(self.prefix, connection=self.r)
+        self.enqueued: list[Job] = []
+
+    def spawn(self, *, scheduler: bool = True, worker: str = "tests.apps.rq_jobs.RecordingWorker") -> Path:
+        log = Path(f"/tmp/tg-{self.prefix}-w{len(self.logs)}.log")
+        self.logs.append(log)
+        cmd = [sys.executable, "-m", "rq.cli", "worker", self.prefix, "--url", RQ_URL, "--worker-class", worker,
+               "--job-class", "taskgate.rq.Job", "-n", f"{self.prefix}-w{len(self.logs)}"]  # fmt: skip
+        if scheduler:
+            cmd.append("--with-scheduler")
+        self.procs.append(
+            subprocess.Popen(
+                cmd,
+                env=self.env,
+                stdout=log.open("wb"),
+                stderr=subprocess.STDOUT,
+                cwd=HERE.parent,
+                start_new_session=True,  # its own process group, reaped by stop()
+            )
+        )
+        return log
+
+    def start(self, n: int) -> None:
+        for _ in range(n):
+            self.spawn()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if all("Listening on" in log.read_text(errors="replace") for log in self.logs):
+                return
+            if any(p.poll() is not None for p in self.procs):
+                break
+            time.sleep(0.1)
+        raise AssertionError("workers did not start:\n" + "\n".join(x.read_text()[-2000:] for x in self.logs))
+
+    def enqueue(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> Job:
+        job = self.q.enqueue(f, *args, **kwargs)
+        self.enqueued.append(job)
+        return job
+
+    def wait(self, n: int, kind: str = "start", timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while self.r.llen(f"{self.prefix}:{kind}") < n:
+            assert time.monotonic() < deadline, f"only {self.r.llen(f'{self.prefix}:{kind}')}/{n} {kind}"
+            time.sleep(0.05)
+
+    def records(self, kind: str) -> list[tuple[str, float, int, str]]:
+        out = []
+        for raw in self.r.lrange(f"{self.prefix}:{kind}", 0, -1):
+            text = raw.decode() if isinstance(raw, bytes) else str(raw)
+            ident, t, pid, extra = text.split("|", 3)
+            out.append((ident, float(t), int(pid), extra))
+        return out
+
+    def stop(self) -> None:
+        """Warm shutdown (SIGTERM), then SIGKILL whatever is left of each worker's process group (its RQ
+        scheduler child would outlive a worker that had to be killed)."""
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+
+    def cleanup(self) -> None:
+        for db in (self.r, redis.Redis.from_url(REDIS_URL)):
+            keys = [k for pat in (f"*{self.prefix}*",) for k in db.scan_iter(match=pat, count=1000)]
+            keys += [j.key for j in self.enqueued] + [j.dependents_key for j in self.enqueued]
+            for i in range(0, len(keys), 500):
+                db.unlink(*keys[i : i + 500])
+
+
+@pytest.fixture
+def fleet() -> Iterator[Callable[..., Fleet]]:
+    require(
+        redis_up(REDIS_URL) and redis_up(RQ_URL), f"Redis at {RQ_URL}", "start redis-server on 127.0.0.1:6379"
+    )
+    made: list[Fleet] = []
+
+    def make(n: int = 2, **env: str) -> Fleet:
+        f = Fleet(env)
+        made.append(f)
+        if n:
+            f.start(n)
+        return f
+
+    yield make
+    for f in made:
+        f.stop()
+        f.cleanup()
+
+
+def test_global_rate(fleet: Callable[..., Fleet]) -> None:
+    """2 workers, gcra 10/s burst 1, 80 jobs at once: 10/s within 3%, never more than 1.5x in any second.
+    (10/s, not more: a forking worker on a small, busy CI box may not reach 20 jobs/s by itself.)"""
+    f = fleet(2)
+    for i in range(80):
+        f.enqueue(jobs.paced10, i)
+    f.wait(80)
+    starts = sorted(t for _, t, _, _ in f.records("start"))
+    rate = (len(starts) - 1) / (starts[-1] - starts[0])
+    print(f"rate {rate:.2f}/s, max in 1 s {max_in_window(starts)}, deferrals {len(f.records('defer'))}")
+    assert abs(rate - 10) / 10 <= 0.03, rate
+    assert max_in_window(starts) <= 1.5 * 10
+
+
+def test_rate_through_the_scheduler(fleet: Callable[..., Fleet]) -> None:
+    """4 workers against 5/s, no in-place short waits: jobs booked beyond the scheduler's next tick go
+    through RQ's scheduler, come back before their slot and start at it: <= 1.2 re-schedules per job,
+    the rate within 5%, never more than 1.5x in any second."""
+    f = fleet(4, TG_SHORT_WAIT_MS="0")
+    for i in range(40):
+        f.enqueue(jobs.paced5, i)
+    f.wait(40)
+    starts = sorted(t for _, t, _, _ in f.records("start"))
+    rate = (len(starts) - 1) / (starts[-1] - starts[0])
+    per_job = len(f.records("defer")) / 40
+    print(f"rate {rate:.3f}/s, max in 1 s {max_in_window(starts)}, re-schedules per job {per_job:.2f}")
+    assert per_job >= 0.3, "the workload was meant to go through the scheduler"
+    assert per_job <= 1.2
+    assert abs(rate - 5) / 5 <= 0.05, rate
+    assert max_in_window(starts) <= 1.5 * 5
+
+
+def test_nothing_lost_nothing_doubled(fleet: Callable[..., Fleet]) -> None:
+    """300 jobs against 20/s on 3 workers, no in-place short waits: each job runs exactly once, each
+    on_success callback and each dependent once; <= 1.2 re-schedules per job."""
+    f = fleet(3, TG_SHORT_WAIT_MS="0")
+    batch = [f.enqueue(jobs.paced, i, on_success=Callback(jobs.on_ok)) for i in range(300)]
+    deps = [f.enqueue(jobs.add1, i, depends_on=batch[i * 10]) for i in range(30)]
+    f.wait(300)
+    f.wait(30, "add1", timeout=20)
+    f.wait(300, "success_cb", timeout=20)
+    time.sleep(1.0)  # anything doubled would show up by now
+    counts = Counter(ident for ident, _, _, _ in f.records("start"))
+    assert set(counts) == {j.id for j in batch}
+    assert set(counts.values()) == {1}
+    assert Counter(i for i, _, _, _ in f.records("success_cb")) == Counter(counts)
+    assert sorted(int(x) for _, _, _, x in f.records("add1")) == list(range(30))
+    assert {d.get_status(refresh=True) for d in deps} == {JobStatus.FINISHED}
+    per_job = len(f.records("defer")) / 300
+    print(f"re-schedules per job {per_job:.3f}")
+    assert per_job <= 1.2
+
+
+def test_concurrency_limit_and_killed_horse(fleet: Callable[..., Fleet]) -> None:
+    """Limit 2 across 3 workers: in-flight max is exactly 2. A horse keeps its lease alive past the TTL; once
+    SIGKILLed, its slot is freed by the lease TTL (3 s), not earlier: the worker does not release it."""
+    f = fleet(3)
+    for _ in range(10):
+        f.enqueue(jobs.slow, 0.3)
+    f.wait(10, "end")
+    events = sorted(
+        [(t, 1) for _, t, _, _ in f.records("start")] + [(t, -1) for _, t, _, _ in f.records("end")]
+    )
+    cur = peak = 0
+    for _, d in events:
+        cur += d
+        peak = max(peak, cur)
+    assert peak == 2
+    leases = f"{f.prefix}:{{conc2}}:c"
+    store = redis.Redis.from_url(REDIS_URL)
+    assert store.zcard(leases) == 0
+    victim = f.enqueue(jobs.slow, 30)
+    f.wait(11)
+    ident, _, pid, _ = f.records("start")[-1]
+    assert ident == victim.id
+    time.sleep(3.5)  # longer than the lease TTL: the horse's heartbeats keep it
+    assert store.zcount(leases, int(time.time() * 1000), "+inf") == 1
+    os.kill(pid, signal.SIGKILL)
+    killed = time.monotonic()
+    while store.zcount(leases, int(time.time() * 1000), "+inf") and time.monotonic() - killed < 10:
+        time.sleep(0.02)
+    freed_after = time.monotonic() - killed
+    print(f"slot freed {freed_after:.2f} s after SIGKILL (lease TTL 3 s, heartbeat every 1 s)")
+    assert 3.0 - 1.0 - 0.2 <= freed_after <= 3.0 + 0.5, freed_after
+    deadline = time.monotonic() + 10
+    while victim.get_status(refresh=True) != JobStatus.FAILED and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert victim.get_status() == JobStatus.FAILED  # RQ's own verdict on a killed horse
+    logs = "".join(log.read_text(errors="replace") for log in f.logs)
+    assert "the horse exited before its job ended; its leases expire by their TTL" in logs
+
+
+def test_own_retries_untouched(fleet: Callable[..., Fleet]) -> None:
+    """A job with Retry(max=1), deferred >= 3 times while another holder keeps the only slot, still gets its
+    own retry: deferrals never touch retries_left."""
+    f = fleet(1)
+    b = taskgate.connect(REDIS_URL, jobs.POLICIES, prefix=f.prefix)
+    hog = b.admit("hold1", "*", heartbeat=True)
+    assert hog.allowed
+    job = f.enqueue(jobs.flaky, 7, retry=Retry(max=1))
+    f.wait(3, "defer", timeout=20)
+    assert job.get_status(refresh=True) == JobStatus.SCHEDULED
+    assert Job.fetch(job.id, connection=f.r).retries_left == 1
+    hog.release()
+    f.wait(2, timeout=20)
+    deadline = time.monotonic() + 10
+    while job.get_status(refresh=True) != JobStatus.FINISHED and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert job.return_value() == 7
+    assert [x for _, _, _, x in f.records("start")] == ["1", "0"]
+    b.close()
+
+
+def test_missing_scheduler_fails_loudly(fleet: Callable[..., Fleet]) -> None:
+    f = fleet(0)
+    log = f.spawn(scheduler=False)
+    assert f.procs[0].wait(30) != 0
+    text = log.read_text()
+    assert "no RQ scheduler is running" in text
+    assert "add --with-scheduler" in text
