@@ -57,12 +57,13 @@ class Env:
     def records(self, kind: str) -> list[list[str]]:
         return [x.decode().split("|") for x in self.conn.lrange(f"{self.prefix}:{kind}", 0, -1)]
 
-    def due_now(self) -> int:
-        """Make every deferred job due and release it (one pass of RQ's own scheduler)."""
+    def due_now(self, only: list[str] | None = None) -> int:
+        """Make every deferred job (or those of ``only``) due, keeping their order, and release them (one
+        pass of RQ's own scheduler)."""
         reg = self.q.scheduled_job_registry
-        ids = reg.get_job_ids()
-        for jid in ids:
-            self.conn.zadd(reg.key, {jid: 0})
+        ids = [jid for jid in reg.get_job_ids() if only is None or jid in only]
+        for i, jid in enumerate(ids):
+            self.conn.zadd(reg.key, {jid: 1 + i})
         s: Any = RQScheduler([self.q], connection=self.conn)
         s._connection = self.conn
         s.acquire_locks()
@@ -332,7 +333,9 @@ def test_deferred_at_whole_seconds_rounded_up(env: Env) -> None:
 
 def test_booked_job_is_released_before_its_slot_in_slot_order(env: Env) -> None:
     """Booked: scheduled before the slot (one second ahead when the scheduler's tick is unknown), with a
-    score in (k - 1, k] that RQ releases with k and that orders the batch by slot."""
+    score in (k - 1, k] that RQ releases with k; released to the front of the queue (ahead of a backlog
+    never gated, behind which it would miss its slot), in slot order; its own enqueue_at_front comes back
+    once it is admitted."""
     env.q.enqueue(jobs.paced2, 0)
     late = [env.q.enqueue(jobs.paced2, i) for i in (1, 2, 3, 4)]
     t0 = time.time()
@@ -341,11 +344,34 @@ def test_booked_job_is_released_before_its_slot_in_slot_order(env: Env) -> None:
     defers = env.records("defer")
     assert len(defers) == 4
     scores = [env.conn.zscore(env.q.scheduled_job_registry.key, j.id) for j in late]
-    assert scores == sorted(scores)
+    # batch k (scores in (k - 1, k]) by batch, and within one the earlier slot last: each is pushed at the
+    # front of the queue, so the last one pushed is taken first
+    assert scores == sorted(scores, key=lambda x: (math.ceil(x), -x))
     for (_, _, _, axis, at, slot), score in zip(defers, scores, strict=True):
         assert axis == "rate"
         assert float(at) == pytest.approx(max(float(slot) - 1.01, t0), abs=0.05)
         assert math.floor(float(at)) - 1 < score <= math.floor(float(at))
+    assert all(env.job(j.id).enqueue_at_front for j in late)
+    backlog = env.q.enqueue(jobs.plain, 9)
+    env.conn.delete(RQScheduler.get_locking_key("q"))
+    taken = []
+    for k in sorted({math.ceil(x) for x in scores}):  # RQ's scheduler releases one batch per tick
+        batch = [j.id for j, x in zip(late, scores, strict=True) if math.ceil(x) == k]
+        assert env.due_now(batch) == len(batch)
+        assert env.q.job_ids[len(batch) :] == [backlog.id]  # ahead of the backlog
+        taken += env.q.job_ids[: len(batch)]
+        for jid in env.q.job_ids[: len(batch)]:  # taken by the workers before the next tick
+            env.q.remove(jid)
+    assert taken == [j.id for j in late]  # in slot order
+    for jid in taken:
+        env.q.push_job_id(jid)
+    env.work(booked_wait_ms=3000)
+    assert len(env.records("start")) == 6
+    for j in late:
+        job = env.job(j.id)
+        assert job.get_status() == JobStatus.FINISHED
+        assert not job.enqueue_at_front
+        assert "taskgate_at_front" not in job.meta
 
 
 def test_exhausted_job_fails_with_throttled_error(env: Env) -> None:

@@ -109,6 +109,7 @@ __all__ = [
 log = logging.getLogger("taskgate")
 META = "taskgate"  # job.meta key of the per-job options
 META_STATE = "taskgate_state"  # job.meta key of the deferral state (DeferralState.as_dict())
+META_AT_FRONT = "taskgate_at_front"  # job.meta key: the job's own enqueue_at_front while a booked deferral
 ATTR = "__taskgate_options__"  # attribute the decorator puts on the job function
 _VERDICT = "_taskgate_verdict"  # attribute of the Job object handed from the worker to the horse
 SETTINGS = {
@@ -118,6 +119,7 @@ SETTINGS = {
     "booked_wait_ms": 1000,
 }
 MARGIN_S = 0.01  # a booked job is released this much (at least) before its slot
+PHASE_SLACK_S = 0.15  # how far the scheduler's tick may be from its estimated phase
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -487,6 +489,8 @@ class _GatedWorker(rq.worker.BaseWorker):
             state = job.meta.get(META_STATE)
             if isinstance(state, dict):
                 job.meta[META_STATE] = {**state, "bookings": {}, "outages": 0}  # spent; saved with the job
+            if META_AT_FRONT in job.meta:
+                _own_at_front(job)
             self._hook(self.job_admitted, job, out)
             return self._run(job, queue, _Verdict(group=out.group, backend=rt.backend))
         if out.reason == "throttled":
@@ -514,19 +518,24 @@ class _GatedWorker(rq.worker.BaseWorker):
         scheduler could not bring the job back before it (up to booked_wait_ms)."""
         rt = self.taskgate
         state = DeferralState.from_dict(job.meta.get(META_STATE))
+        returning = bool(state.bookings)  # back from the scheduler for a booked slot
         while True:
             out = rt.gate.enter(opts, job.args, job.kwargs, state, holder=str(job.id))
             if isinstance(out, Admitted) or out.decision is None or not out.decision.booked:
                 return out
-            if out.countdown_ms / 1000.0 > self._wait_cap(queue):
+            if out.countdown_ms / 1000.0 > self._wait_cap(queue, returning):
                 return out
             state = out.state
             rt.gate.sleep(out.countdown_ms / 1000.0)
 
-    def _wait_cap(self, queue: rq.Queue) -> float:
+    def _wait_cap(self, queue: rq.Queue, returning: bool) -> float:
         """How long a booked job may wait here: up to booked_wait_ms, and no longer than until the
         scheduler's next release (a round trip through the scheduler then brings it back before its slot)."""
         cap = int(self.taskgate.settings["booked_wait_ms"]) / 1000.0
+        if returning:
+            # Released at the last tick before its slot: up to a second before it, plus the error of the
+            # phase estimate (the ticks drift under load). Another round trip could only bring it back late.
+            return cap + PHASE_SLACK_S
         phase = self._phase(queue)
         if phase is not None:
             now = time.time()
@@ -580,16 +589,22 @@ class _GatedWorker(rq.worker.BaseWorker):
         else:  # at the first tick after the target (never early: that would only cost another deferral)
             at = float(math.ceil(target) if phase is None else math.ceil(target - phase))
         when = dt.datetime.fromtimestamp(at, tz=dt.timezone.utc)
+        if booked:
+            # A booked job goes to the front of the queue when released, ahead of work that was never
+            # gated (behind a backlog it would miss its slot and be booked again, at the back of the line).
+            job.meta.setdefault(META_AT_FRONT, job.enqueue_at_front)
+            job.enqueue_at_front = True
+        elif META_AT_FRONT in job.meta:
+            job.enqueue_at_front = job.meta.pop(META_AT_FRONT)  # saved with the job below
         with self.connection.pipeline() as p:
             p.lrem(queue.intermediate_queue_key, 1, job.id)  # else maintenance fails it as "stuck"
             queue.schedule_job(job, when, pipeline=p)
             if booked:
-                # RQ scores whole seconds (floored) and releases a score <= floor(now): a score in
-                # (k - 1, k] is released with k, and sorts by slot within that batch.
-                p.zadd(
-                    queue.scheduled_job_registry.key,
-                    {job.id: math.floor(when.timestamp()) - 1.0 + (when.timestamp() % 1.0 or 1.0)},
-                )
+                # RQ scores whole seconds (floored) and releases a score <= floor(now) in score order: a
+                # score in (k - 1, k] is released with k. The scheduler pushes each at the front, so the
+                # last one pushed is taken first: within its batch, the earlier its slot the higher its score.
+                k = math.floor(when.timestamp())
+                p.zadd(queue.scheduled_job_registry.key, {job.id: k - min(max(target - k, 0.0), 1.998) / 2})
             p.execute()
         log.debug(
             "taskgate: deferred %s[%s] to %s (policy %r, %s, deferral #%d)",
@@ -632,6 +647,20 @@ class _GatedWorker(rq.worker.BaseWorker):
             log.debug("taskgate: cannot read the tick of RQ's scheduler: %s", e)
         self._phases[queue.name] = (found, time.monotonic())
         return found
+
+
+def _own_at_front(job: rq.job.Job) -> None:
+    """Give an admitted job back its own ``enqueue_at_front`` (for its own Retry and a later re-enqueue),
+    which a booked deferral had set, in its hash too."""
+    own = job.meta.pop(META_AT_FRONT)
+    job.enqueue_at_front = own
+    with job.connection.pipeline() as p:
+        if own is None:
+            p.hdel(job.key, "enqueue_at_front")
+        else:
+            p.hset(job.key, "enqueue_at_front", int(bool(own)))
+        p.hset(job.key, "meta", job._serialize_meta())
+        p.execute()
 
 
 class Worker(_GatedWorker, rq.worker.Worker):
