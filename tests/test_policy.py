@@ -160,6 +160,13 @@ def test_durations(text: object, ms: int) -> None:
     assert load_one({**GCRA, "period": text}).rate == RateSpec("gcra", limit=10, period_ms=ms)
 
 
+def test_max_deferrals_zero_means_never_defer() -> None:
+    """As a task's own max_deferrals=0: the first denial applies onExhausted (fail or run), no deferral."""
+    assert load_one({**GCRA, "deferral": {"maxDeferrals": 0}}).deferral.max_deferrals == 0
+    with pytest.raises(taskgate.InvalidPolicyError, match=r"deferral\.maxDeferrals.*-1.*>= 0"):
+        load_one({**GCRA, "deferral": {"maxDeferrals": -1}})
+
+
 def test_window_synonyms() -> None:
     for field in ("windowMs", "window", "period", "periodMs"):
         p = load_one({"strategy": "fixedWindow", "limit": 3, field: "2s"})

@@ -184,6 +184,27 @@ def test_wrong_secret_is_not_failed_open(secret_server: ServerProcess) -> None:
         b.check("api", "k")
 
 
+def test_monitor_accepts_x_monitor_secret(secret_server: ServerProcess) -> None:
+    """ThrottleKit's monitoring clients send the secret as `x-monitor-secret` (WIRE.md): it opens the Monitor,
+    not the RateLimiter; a wrong one is refused."""
+    from taskgate._proto import throttlekit_pb2 as pb
+    from taskgate._proto import throttlekit_pb2_grpc as pbg
+
+    with grpc.insecure_channel(secret_server.target) as ch:
+        monitor, limiter = pbg.MonitorStub(ch), pbg.RateLimiterStub(ch)
+        snap = monitor.GetSnapshot(
+            pb.GetSnapshotRequest(), metadata=[("x-monitor-secret", SECRET)], timeout=5
+        )
+        assert "api" in {p.name for p in snap.snapshot.policies}
+        for md in ([("x-monitor-secret", "wrong")], [("x-monitor-secret", "")], []):
+            with pytest.raises(grpc.RpcError) as info:
+                monitor.GetSnapshot(pb.GetSnapshotRequest(), metadata=md, timeout=5)
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.RpcError) as info:
+            limiter.Check(pb.CheckRequest(policy="api", key="k"), metadata=[("x-monitor-secret", SECRET)])
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
 def test_health_needs_no_secret(secret_server: ServerProcess) -> None:
     with grpc.insecure_channel(secret_server.target) as ch:
         reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2)

@@ -405,7 +405,7 @@ def _parse_deferral(r: _Reader) -> DeferralSpec:
     d = r.mapping("deferral")
     d.only({"maxDeferrals", "onExhausted", "jitter"})
     return DeferralSpec(
-        max_deferrals=d.integer("maxDeferrals", default=1000),
+        max_deferrals=d.integer("maxDeferrals", default=1000, minimum=0),  # 0: on_exhausted at once
         on_exhausted=cast(Literal["fail", "run"], d.choice("onExhausted", ("fail", "run"), "fail")),
         jitter_ms=d.duration("jitter", default=50),
     )

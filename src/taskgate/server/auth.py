@@ -1,4 +1,6 @@
-"""Shared-secret authentication: every call must carry the metadata ``authorization: Bearer <secret>``.
+"""Shared-secret authentication: every call must carry the metadata ``authorization: Bearer <secret>``; a
+Monitor call (``throttlekit.v1.Monitor``) may carry ``x-monitor-secret: <secret>`` instead, as ThrottleKit's
+monitoring clients send it.
 
 The comparison is constant-time (:func:`hmac.compare_digest`). Health checks are exempt, so load balancers
 and ``grpc_health_probe`` work without the secret (they learn nothing but "serving"). TLS and mutual TLS are
@@ -13,9 +15,10 @@ from typing import Any
 
 import grpc
 
-__all__ = ["HEALTH_PREFIX", "SecretInterceptor"]
+__all__ = ["HEALTH_PREFIX", "MONITOR_PREFIX", "SecretInterceptor"]
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
+MONITOR_PREFIX = "/throttlekit.v1.Monitor/"
 _MESSAGE = "missing or wrong secret: send the metadata `authorization: Bearer <secret>`"
 
 
@@ -28,12 +31,16 @@ async def _deny_stream(request: Any, context: Any) -> Any:
     yield None  # pragma: no cover (abort raises)
 
 
-def _presented(metadata: Sequence[tuple[str, str | bytes]] | None) -> bytes:
+def _presented(metadata: Sequence[tuple[str, str | bytes]] | None, monitor: bool = False) -> bytes:
+    """The secret a call presents: its bearer token, or (a Monitor call) its ``x-monitor-secret``."""
     for k, v in metadata or ():
+        raw = v if isinstance(v, bytes) else v.encode("utf-8", "replace")
         if k == "authorization":
-            raw = v if isinstance(v, bytes) else v.encode("utf-8", "replace")
             scheme, _, token = raw.partition(b" ")
-            return token.strip() if scheme.lower() == b"bearer" else b""
+            if scheme.lower() == b"bearer" and token.strip():
+                return token.strip()
+        elif monitor and k == "x-monitor-secret" and raw.strip():
+            return raw.strip()
     return b""
 
 
@@ -62,7 +69,7 @@ class SecretInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     ) -> Any:
         method: str = details.method
         if method.startswith(self._exempt) or hmac.compare_digest(
-            _presented(details.invocation_metadata), self._secret
+            _presented(details.invocation_metadata, method.startswith(MONITOR_PREFIX)), self._secret
         ):
             return await continuation(details)
         return self._deny(method, await continuation(details))

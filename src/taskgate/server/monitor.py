@@ -14,7 +14,8 @@ server has a secret.
   queue; a reader too slow for the feed loses events (never the server's memory).
 
 Access: a server started with a secret (``--secret-file``) already requires ``authorization: Bearer
-<secret>`` on every call, and then the Monitor answers any peer; without a secret it answers only loopback
+<secret>`` on every call (``x-monitor-secret: <secret>`` also opens the Monitor, as ThrottleKit's clients
+send it), and then the Monitor answers any peer; without a secret it answers only loopback
 peers (and Unix sockets), ``PERMISSION_DENIED`` otherwise.
 """
 
