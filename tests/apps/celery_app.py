@@ -53,25 +53,27 @@ def record(kind: str, ident: str, extra: str = "") -> None:
     RECORD.rpush(f"{PREFIX}:{kind}", f"{ident}|{time.time():.6f}|{os.getpid()}|{extra}")
 
 
-@app.task(bind=True, throttle="rate10")
+# shared=False on every task: the tests reload this module, and a shared task (Celery's default) would join
+# every Celery app made later in the session, each reload's callable colliding with the last under one name.
+@app.task(shared=False, bind=True, throttle="rate10")
 def paced(self: Any, n: int) -> int:
     record("start", str(self.request.id))
     return n
 
 
-@app.task(bind=True, throttle="rate20")
+@app.task(shared=False, bind=True, throttle="rate20")
 def paced20(self: Any, n: int) -> int:
     record("start", str(self.request.id))
     return n
 
 
-@app.task(bind=True, throttle="tenant5", key="tenant")
+@app.task(shared=False, bind=True, throttle="tenant5", key="tenant")
 def per_tenant(self: Any, tenant: str, n: int) -> int:
     record("start", str(self.request.id), tenant)
     return n
 
 
-@app.task(bind=True, throttle="conc3")
+@app.task(shared=False, bind=True, throttle="conc3")
 def slow(self: Any, seconds: float) -> float:
     record("start", str(self.request.id))
     time.sleep(seconds)
@@ -79,7 +81,7 @@ def slow(self: Any, seconds: float) -> float:
     return seconds
 
 
-@app.task(bind=True, throttle="random")
+@app.task(shared=False, bind=True, throttle="random")
 def jittery(self: Any, n: int) -> int:
     record("start", str(self.request.id))
     time.sleep(random.random() * 0.01)
@@ -91,7 +93,7 @@ def _on_throttled(sender: Any = None, task_id: str = "", **kw: Any) -> None:
     record("defer", str(task_id), str(kw.get("axis")))
 
 
-@app.task(bind=True, throttle="hold1", max_retries=1)
+@app.task(shared=False, bind=True, throttle="hold1", max_retries=1)
 def flaky(self: Any, n: int) -> int:
     record("start", str(self.request.id), str(self.request.retries))
     if self.request.retries == 0:
@@ -99,18 +101,18 @@ def flaky(self: Any, n: int) -> int:
     return n
 
 
-@app.task
+@app.task(shared=False)
 def add1(x: int) -> int:
     record("add1", str(x))
     return x + 1
 
 
-@app.task
+@app.task(shared=False)
 def total(xs: list[int]) -> int:
     record("total", str(sum(xs)))
     return sum(xs)
 
 
-@app.task
+@app.task(shared=False)
 def noop(n: int) -> int:
     return n
