@@ -155,6 +155,37 @@ def test_mutual_tls(mtls_server: ServerProcess, pki: Path) -> None:
     assert "mTLS" in mtls_server.log_text()
 
 
+def _top(*args: str) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "taskgate.cli", "top", "--once", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+
+
+def test_top_over_tls_and_mutual_tls(
+    tls_server: ServerProcess, mtls_server: ServerProcess, pki: Path
+) -> None:
+    """`taskgate top --grpc` reaches a TLS (and an mTLS) server's Monitor door; without trusting its CA it says
+    why in one line."""
+    ca = str(pki / "ca.pem")
+    ok = _top("--grpc", tls_server.url, "--tls-ca", ca)
+    assert ok.returncode == 0, ok.stderr
+    assert "api" in ok.stdout
+    assert "grpcs " in ok.stdout
+    ok = _top("--grpc", mtls_server.target, "--tls-ca", ca, "--tls-cert", str(pki / "client.pem"),
+              "--tls-key", str(pki / "client.key"))  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    assert "api" in ok.stdout
+    untrusted = _top("--grpc", tls_server.url)
+    assert untrusted.returncode == 1
+    assert "UNAVAILABLE" in untrusted.stderr
+    assert "Traceback" not in untrusted.stderr
+    half = _top("--grpc", mtls_server.target, "--tls-cert", str(pki / "client.pem"))
+    assert half.returncode != 0
+    assert "together" in half.stderr
+    stray = _top("--redis", "redis://127.0.0.1:6379/9", "--tls-ca", ca)
+    assert stray.returncode != 0
+    assert "go with --grpc" in stray.stderr
+
+
 # --- the shared secret -------------------------------------------------------------------------------------
 
 

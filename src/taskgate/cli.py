@@ -271,8 +271,15 @@ def _backend(cmd: str, args: argparse.Namespace) -> RedisBackend | int:
 
 def _configure_top(p: argparse.ArgumentParser) -> None:
     _store_args(p, redis_help="read the counters from this store (default: $TASKGATE_URL)")
-    p.add_argument("--grpc", metavar="HOST:PORT", help="read through a server's Monitor door instead")
+    p.add_argument(
+        "--grpc",
+        metavar="HOST:PORT",
+        help="read through a server's Monitor door instead (grpcs://HOST:PORT: over TLS)",
+    )
     p.add_argument("--secret-file", metavar="FILE", help="the server's secret (a --grpc server with one)")
+    p.add_argument("--tls-ca", metavar="FILE", help="--grpc over TLS, trusting this CA (PEM)")
+    p.add_argument("--tls-cert", metavar="FILE", help="--grpc over mutual TLS: this client certificate")
+    p.add_argument("--tls-key", metavar="FILE", help="--grpc over mutual TLS: the client certificate's key")
     p.add_argument("--once", action="store_true", help="print one snapshot and exit (for scripts)")
     p.add_argument("--json", action="store_true", help="with --once: the snapshot as JSON")
     p.add_argument("--interval", type=float, default=1.0, metavar="SECONDS", help="refresh (default: 1)")
@@ -302,7 +309,18 @@ def _run_top(args: argparse.Namespace) -> int:
                 secret = Path(args.secret_file).read_text().strip()
             except OSError as e:
                 return _fail("top", f"--secret-file {args.secret_file!r}: {e.strerror or e}")
-        source = top.GrpcSource(args.grpc, secret=secret)
+        try:
+            source = top.GrpcSource(
+                args.grpc,
+                secret=secret,
+                root_certificates=args.tls_ca,
+                certificate_chain=args.tls_cert,
+                private_key=args.tls_key,
+            )
+        except ValueError as e:
+            return _fail("top", e)
+    elif args.tls_ca or args.tls_cert or args.tls_key:
+        return _fail("top", "--tls-ca, --tls-cert and --tls-key go with --grpc (a server's Monitor door)")
     else:
         if not args.redis:
             return _fail("top", "give --redis URL (or $TASKGATE_URL) with --config, or --grpc HOST:PORT")

@@ -4,6 +4,7 @@
 
     taskgate top --redis redis://host:6379/0 --config policies.yaml [--prefix P]   # read the store
     taskgate top --grpc host:50051 [--secret-file F]                            # through the Monitor door
+    taskgate top --grpc grpcs://host:50051 --tls-ca ca.pem [--tls-cert C --tls-key K]        # ... over TLS
     taskgate top ... --once [--json]                                            # one snapshot, for scripts
 
 Per policy: admitted, denied and booked per second (over the last ``--rate`` seconds), the binding axis (the
@@ -67,16 +68,43 @@ class GrpcSource:
     """Reads through a server's Monitor door (``GetSnapshot``). A ThrottleKit server (no taskgate JSON in the
     snapshot) gives the counts it has: allowed and denied over its window, and its top denied keys."""
 
-    def __init__(self, target: str, *, secret: str | None = None, timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        target: str,
+        *,
+        secret: str | None = None,
+        timeout: float = 5.0,
+        root_certificates: str | bytes | None = None,
+        certificate_chain: str | bytes | None = None,
+        private_key: str | bytes | None = None,
+    ) -> None:
+        """``target``: ``host:port``, ``grpc://host:port`` or ``grpcs://host:port`` (TLS). The PEM arguments
+        (bytes, PEM text or a file path) are as :class:`~taskgate.ServiceBackend`'s: any of them means TLS;
+        ``certificate_chain`` with ``private_key`` is mutual TLS."""
         import grpc
 
         from taskgate._proto import throttlekit_pb2_grpc as pbg
+        from taskgate.backends.service import _pem, parse_target
 
-        self._channel = grpc.insecure_channel(target)
+        secure = False
+        if target.startswith(("grpc://", "grpcs://")):
+            target, secure = parse_target(target)
+        root = _pem(root_certificates, "root_certificates")
+        chain, key = _pem(certificate_chain, "certificate_chain"), _pem(private_key, "private_key")
+        if (chain is None) != (key is None):
+            raise ValueError(
+                "a client certificate and its key go together (mutual TLS): give both or neither"
+            )
+        secure = secure or any(x is not None for x in (root, chain, key))
+        if secure:
+            creds = grpc.ssl_channel_credentials(root, key, chain)
+            self._channel = grpc.secure_channel(target, creds)
+        else:
+            self._channel = grpc.insecure_channel(target)
         self._stub = pbg.MonitorStub(self._channel)
         self._meta = [("authorization", f"Bearer {secret}")] if secret else None
         self._timeout = timeout
-        self.name = f"grpc {target}"
+        self.name = f"{'grpcs' if secure else 'grpc'} {target}"
 
     def snapshot(self) -> Snapshot:
         from taskgate._proto import throttlekit_pb2 as pb
