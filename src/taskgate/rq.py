@@ -36,8 +36,10 @@ How it works (``shared/research/integration-mechanics.md`` §7-9 has the experim
   intermediate queue and put in the ``ScheduledJobRegistry`` with ``queue.schedule_job``; the deferral
   count and any booked slot travel in ``job.meta["taskgate_state"]``. RQ's scheduler keys jobs on whole
   seconds and releases the due ones on its tick (every second and a few ms; its phase is read from its
-  heartbeat): a job with a booked slot is released at the last tick before the slot, in slot order, and
-  waits the rest (< ~1 s) in the worker, so it starts at its slot; any other is released at the first
+  heartbeat): a job with a booked slot is released at the last tick before the slot, to the front of the
+  queue (``enqueue_at_front``, the job's own setting restored once admitted), in slot order, and waits the
+  rest (< ~1 s, plus the drift of the scheduler's tick) in the worker, so it starts at its slot even behind
+  a backlog of jobs not yet gated; any other is released at the first
   tick after ``now + retry_after`` (+ jitter), never early. Deferrals never consume retries. After
   ``max_deferrals`` the job fails with :class:`~taskgate.ThrottledError` (``on_exhausted="fail"``, through
   RQ's normal failure path, so failure callbacks and the job's own ``Retry`` apply) or runs anyway
@@ -53,7 +55,8 @@ as long as the workers can run that many jobs a second at all). Jobs paced in pl
 the most starts in any 1-second window is the limit plus the burst (1.05-1.1x). Jobs that go through the
 scheduler (~0.9-1.0 re-schedules per job when most do) start ~10 ms after their slot at the median; a
 worker that is busy (or starved of CPU) when its returning job is due starts it late, and late starts
-bunch: p99 0.02-0.3 s late, up to 1.2-1.45x the limit in a 1-second window. A concurrency-denied job
+bunch: p99 0.02-0.3 s late, up to 1.2-1.45x the limit in a 1-second window before booked jobs went to the
+front of the queue, p99 0.09 s and 1.05x in the run since (3 workers, 20/s, 300 jobs). A concurrency-denied job
 comes back at the first scheduler tick after its estimated wait: with short jobs, a slot can stay idle for
 up to ~1 s. When the throttle never binds it costs one ``check`` (rate only) or one ``admit`` plus one
 ``release`` round trip per job: 0.92-1.2x (check) and 0.84-0.88x (admit + release) the jobs/s of an
