@@ -55,15 +55,16 @@ as long as the workers can run that many jobs a second at all). Jobs paced in pl
 the most starts in any 1-second window is the limit plus the burst (1.05-1.1x). Jobs that go through the
 scheduler (~0.9-1.0 re-schedules per job when most do) start ~10 ms after their slot at the median; a
 worker that is busy (or starved of CPU) when its returning job is due starts it late, and late starts
-bunch: p99 0.02-0.3 s late, up to 1.2-1.45x the limit in a 1-second window before booked jobs went to the
-front of the queue, p99 0.09 s and 1.05x in the run since (3 workers, 20/s, 300 jobs). A concurrency-denied job
-comes back at the first scheduler tick after its estimated wait: with short jobs, a slot can stay idle for
-up to ~1 s. When the throttle never binds it costs one ``check`` (rate only) or one ``admit`` plus one
-``release`` round trip per job: 0.92-1.2x (check) and 0.84-0.88x (admit + release) the jobs/s of an
-unthrottled worker on no-op jobs, less on real ones. Deferred jobs count towards ``rq worker --max-jobs``;
-``--burst`` workers exit while deferred jobs wait in the scheduled registry. :class:`SpawnWorker` is not
-supported (the admission travels in the forked memory); a ``grpc://`` store with the forking
-:class:`Worker` is untested.
+bunch: p99 0.02-0.3 s late, up to 1.2-1.45x the limit in a 1-second window before booked jobs went to
+the front of the queue, p99 0.09 s and 1.05x in the run since (3 workers, 20/s, 300 jobs). A
+concurrency-denied job comes back at the first scheduler tick after its estimated wait: with short jobs, a
+slot can stay idle for up to ~1 s. When the throttle never binds it costs one ``check`` (rate only) or one
+``admit`` plus one ``release`` round trip per job: 0.89-1.2x (check) and 0.79-0.88x (admit + release) the
+jobs/s of an unthrottled worker on no-op jobs in the recorded runs (rounds on this VM vary up to 2x; under
+cProfile the two round trips are ~5% of a no-op job), less on real ones. Deferred jobs count towards
+``rq worker --max-jobs``; ``--burst`` workers exit while deferred jobs wait in the scheduled registry.
+:class:`SpawnWorker` is not supported (the admission travels in the forked memory); a ``grpc://`` store
+with the forking :class:`Worker` is untested.
 
 Single process (tests, notebooks): a :class:`SimpleWorker` on the embedded ``memory://`` store, RQ on
 fakeredis, run in a thread: the scheduler then runs as a thread of the worker (RQ's own forks a process,
