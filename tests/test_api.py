@@ -500,3 +500,58 @@ def test_sync_and_async_share_the_memory_store(prefix: str) -> None:
 def assert_in(message: str, *parts: str) -> None:
     for part in parts:
         assert part in message, f"{part!r} not in {message!r}"
+
+
+PLAN_POLICIES = {
+    "version": 1,
+    "limiters": {
+        "gcra": {"strategy": "gcra", "limit": 10, "period": "1s", "burst": 3},
+        "gcra_nobook": {"strategy": "gcra", "limit": 10, "period": "1s", "bookingHorizon": 0},
+        "tb": {"strategy": "tokenBucket", "capacity": 5, "refillPerSec": 2},
+        "fw": {"strategy": "fixedWindow", "limit": 4, "windowMs": 1000, "counters": False},
+        "sw": {"strategy": "slidingWindow", "limit": 4, "windowMs": 1000},
+        "swl": {"strategy": "slidingWindowLog", "limit": 4, "windowMs": 1000},
+        "shared": {"strategy": "gcra", "limit": 5, "period": "1s", "concurrency": {"maxLimit": 2}},
+        "perkey": {
+            "strategy": "gcra",
+            "limit": 5,
+            "period": "1s",
+            "concurrency": {"maxLimit": 2, "perKey": True},
+        },
+        "spends": {
+            "strategy": "gcra",
+            "limit": 5,
+            "period": "1s",
+            "tokenBudget": {"budget": 100, "window": "1m"},
+        },
+    },
+}
+
+
+@pytest.mark.parametrize("cluster", [False, True])
+def test_check_plans_are_the_general_composition(cluster: bool) -> None:
+    """check's plan (per-policy parts worked out once) is exactly the general one: the keyset of the key, the
+    op's ARGV and the strategy's, then the counters' KEYS and argument; for every kind of policy and key."""
+    from taskgate.backends._plan import Planner, check_now
+    from taskgate.engine.keys import keyset
+
+    pols = taskgate.load_policies(PLAN_POLICIES)
+    planner = Planner(pols, prefix="pp", cluster=cluster)
+    for name in pols:
+        p = pols[name]
+        assert p.rate is not None
+        for key in ("a", "tenant-42", "we{ir}d%key", "ключ", "x" * 1024):
+            for cost, now, book, token in ((1, None, False, ""), (2, 1_700_000_000_000, True, ""),
+                                            (1, None, False, "tok"), (1, None, True, "tok")):  # fmt: skip
+                if cost > p.rate.max_cost:
+                    continue
+                got = planner.check(name, key, cost, now, book=book, token=token)
+                ks = keyset("pp", p, key)
+                mode = "b" if book and p.booking_horizon_ms > 0 else ("t" if token else "c")
+                keys = [ks.rate, ks.bookings] if mode != "c" else [ks.rate]
+                args = [check_now(now), mode, cost, token, p.booking_grace_ms, *p.rate.params()]
+                want = planner._counted(p, "check", p.rate.strategy, keys, [*args, p.booking_horizon_ms],
+                                        got.decode, None)  # fmt: skip
+                assert (got.script, got.keys, got.args, got.collect) == (
+                    want.script, want.keys, want.args, want.collect,
+                ), (name, key, cost, now, book, token)  # fmt: skip

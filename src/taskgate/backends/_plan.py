@@ -40,6 +40,21 @@ class Plan(Generic[T]):
     collect: str = ""  # stats mode collect: the policy whose counts the reply carries ({reply, deltas})
 
 
+@dataclass(frozen=True, slots=True)
+class _CheckStatic:
+    """The parts of a ``check`` plan that depend on the policy only (:meth:`Planner._check_static`)."""
+
+    script: Script
+    head: str  # keyset(prefix, policy, key).base == head + escape(key) + mid
+    mid: str
+    max_cost: int
+    books: bool  # booking horizon > 0
+    grace: int
+    tail: tuple[str | int | float, ...]  # ARGV after the grace: strategy params, horizon (, stats argument)
+    stats_keys: tuple[str, ...]  # KEYS after the op's own (stats mode inline)
+    collect: str
+
+
 def check_key(key: object) -> str:
     if not isinstance(key, str):  # not a key at all: say what it is
         raise ValueError(f"key must be a non-empty string, got {type(key).__name__} {key!r}")
@@ -113,6 +128,7 @@ class Planner:
         self.prefix = prefix
         self.cluster = cluster
         self._stats_of: dict[str, tuple[StatsMode, list[str], int]] = {}
+        self._checks: dict[str, _CheckStatic] = {}
 
     def _stats(self, p: Policy) -> tuple[StatsMode, list[str], int]:
         """(mode, stats keys to append, the check script's member offset) of policy ``p``."""
@@ -177,6 +193,28 @@ class Planner:
     def _rate_args(p: Policy, rate: RateSpec) -> list[str | int | float]:
         return [*rate.params(), p.booking_horizon_ms]
 
+    def _check_static(self, name: str) -> _CheckStatic:
+        """What every check of policy ``name`` shares, worked out once (the hot path only adds the key)."""
+        got = self._checks.get(name) if isinstance(name, str) else None
+        if got is not None:
+            return got
+        p, rate = self._rate_policy(name, "check")
+        # the plan of a check on a stand-in key, cut around it: the same KEYS and ARGV as for any key
+        ref = self._counted(p, "check", rate.strategy, [keyset(self.prefix, p, "\0").base], [], _none, None)
+        head, mid = ref.keys[0].split("\0")
+        got = self._checks[name] = _CheckStatic(
+            ref.script,
+            head,
+            mid,
+            rate.max_cost,
+            p.booking_horizon_ms > 0,
+            p.booking_grace_ms,
+            tuple(self._rate_args(p, rate)) + tuple(ref.args),
+            tuple(ref.keys[1:]),
+            ref.collect,
+        )
+        return got
+
     def check(
         self,
         name: str,
@@ -187,17 +225,15 @@ class Planner:
         book: bool = False,
         token: str = "",
     ) -> Plan[Decision]:
-        p, rate = self._rate_policy(name, "check")
+        c = self._check_static(name)
         check_key(key)
-        check_units(cost, "cost", name, rate.max_cost)
-        ks = keyset(self.prefix, p, key)
+        check_units(cost, "cost", name, c.max_cost)
+        base = c.head + escape(key) + c.mid  # keyset(prefix, policy, key).base
         # b: redeem a token and/or book; t: redeem a token only; c: plain consume
-        mode = "b" if book and p.booking_horizon_ms > 0 else ("t" if token else "c")
-        keys = [ks.rate, ks.bookings] if mode != "c" else [ks.rate]
-        args: list[str | int | float] = [check_now(now), mode, cost, token or "", p.booking_grace_ms]
-        return self._counted(
-            p, "check", rate.strategy, keys, args + self._rate_args(p, rate), decode_decision, None
-        )
+        mode = "b" if book and c.books else ("t" if token else "c")
+        keys = [base + ":r", *c.stats_keys] if mode == "c" else [base + ":r", base + ":bk", *c.stats_keys]
+        args: list[str | int | float] = [check_now(now), mode, cost, token or "", c.grace, *c.tail]
+        return Plan(c.script, keys, args, decode_decision, c.collect)
 
     def check_many(
         self, name: str, keys: Sequence[str], cost: int = 1, now: int | None = None
