@@ -13,7 +13,6 @@ local cost = tonumber(ARGV[3])
 local token = ARGV[4]
 local grace = tonumber(ARGV[5])
 local P = rate_params(ARGV, 6)
-local out = {}
 if mode == 'b' or mode == 't' then
   local key, bk = KEYS[1], KEYS[2]
   if token ~= '' then
@@ -43,6 +42,12 @@ if mode == 'b' or mode == 't' then
   return d
 end
 local consume = (mode == 'c')
+if NK == 1 then  -- check, peek: the decision as it is (no copy)
+  local d = rate_decide(KEYS[1], now, cost, P, consume, false)
+  d[7] = ''
+  return d
+end
+local out = {}
 for i = 1, NK do
   local d = rate_decide(KEYS[i], now, cost, P, consume, false)
   for j = 1, 6 do out[#out + 1] = d[j] end
