@@ -21,6 +21,7 @@ import pytest
 import redis
 
 from tests.conftest import REDIS_URL, require, tcp_up
+from tests.fleet import Record, read_records, stop_all
 
 pytestmark = pytest.mark.slow
 HERE = Path(__file__).resolve().parent
@@ -75,23 +76,10 @@ class Fleet:
         )
 
     def stop(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in self.procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_all(self.procs, 10)
 
-    def records(self, kind: str) -> list[tuple[str, float, int, str]]:
-        out = []
-        for raw in self.r.lrange(f"{self.prefix}:{kind}", 0, -1):
-            text = raw.decode() if isinstance(raw, bytes) else str(raw)
-            ident, t, pid, extra = text.split("|", 3)
-            out.append((ident, float(t), int(pid), extra))
-        return out
+    def records(self, kind: str) -> list[Record]:
+        return read_records(self.r, self.prefix, kind)
 
 
 @pytest.fixture(params=sorted(BROKERS))

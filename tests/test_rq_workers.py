@@ -7,7 +7,6 @@ what the job bodies recorded. Real time is used here; the assertions measure rat
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
@@ -27,6 +26,7 @@ from rq.job import Job, JobStatus
 import taskgate
 from tests.apps import rq_jobs as jobs
 from tests.conftest import REDIS_URL, redis_up, require
+from tests.fleet import Record, read_records, stop_all
 
 pytestmark = pytest.mark.slow
 HERE = Path(__file__).resolve().parent
@@ -101,28 +101,11 @@ class Fleet:
             assert time.monotonic() < deadline, f"only {self.r.llen(f'{self.prefix}:{kind}')}/{n} {kind}"
             time.sleep(0.05)
 
-    def records(self, kind: str) -> list[tuple[str, float, int, str]]:
-        out = []
-        for raw in self.r.lrange(f"{self.prefix}:{kind}", 0, -1):
-            text = raw.decode() if isinstance(raw, bytes) else str(raw)
-            ident, t, pid, extra = text.split("|", 3)
-            out.append((ident, float(t), int(pid), extra))
-        return out
+    def records(self, kind: str) -> list[Record]:
+        return read_records(self.r, self.prefix, kind)
 
     def stop(self) -> None:
-        """Warm shutdown (SIGTERM), then SIGKILL whatever is left of each worker's process group (its RQ
-        scheduler child would outlive a worker that had to be killed)."""
-        for p in self.procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in self.procs:
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGKILL)
+        stop_all(self.procs, 15, groups=True)
 
     def cleanup(self) -> None:
         for db in (self.r, redis.Redis.from_url(REDIS_URL)):
