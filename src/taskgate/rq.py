@@ -663,7 +663,7 @@ def _own_at_front(job: rq.job.Job) -> None:
             p.hdel(job.key, "enqueue_at_front")
         else:
             p.hset(job.key, "enqueue_at_front", int(bool(own)))
-        p.hset(job.key, "meta", job._serialize_meta())
+        p.hset(job.key, "meta", job.serializer.dumps(job.meta))
         p.execute()
 
 
