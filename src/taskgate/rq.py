@@ -116,6 +116,7 @@ META_STATE = "taskgate_state"  # job.meta key of the deferral state (DeferralSta
 META_AT_FRONT = "taskgate_at_front"  # job.meta key: the job's own enqueue_at_front while a booked deferral
 ATTR = "__taskgate_options__"  # attribute the decorator puts on the job function
 _VERDICT = "_taskgate_verdict"  # attribute of the Job object handed from the worker to the horse
+_RESTORED = "_taskgate_restored"  # attribute: the job's own enqueue_at_front is back, its hash to follow
 SETTINGS = {
     "max_deferrals": None,
     "on_exhausted": None,
@@ -331,6 +332,15 @@ _warned = False
 
 class Job(rq.job.Job):
     """``--job-class taskgate.rq.Job``: runs a throttled job holding what the worker admitted it with."""
+
+    def prepare_for_execution(self, worker_name: str, pipeline: Any) -> None:
+        super().prepare_for_execution(worker_name, pipeline)
+        if self.__dict__.pop(_RESTORED, False):  # see _own_at_front: its hash, in the same pipeline
+            if self.enqueue_at_front is None:
+                pipeline.hdel(self.key, "enqueue_at_front")
+            else:
+                pipeline.hset(self.key, "enqueue_at_front", int(bool(self.enqueue_at_front)))
+            pipeline.hset(self.key, "meta", self.serializer.dumps(self.meta))
 
     def perform(self) -> Any:
         verdict: _Verdict | None = self.__dict__.pop(_VERDICT, None)
@@ -655,16 +665,10 @@ class _GatedWorker(rq.worker.BaseWorker):
 
 def _own_at_front(job: rq.job.Job) -> None:
     """Give an admitted job back its own ``enqueue_at_front`` (for its own Retry and a later re-enqueue),
-    which a booked deferral had set, in its hash too."""
-    own = job.meta.pop(META_AT_FRONT)
-    job.enqueue_at_front = own
-    with job.connection.pipeline() as p:
-        if own is None:
-            p.hdel(job.key, "enqueue_at_front")
-        else:
-            p.hset(job.key, "enqueue_at_front", int(bool(own)))
-        p.hset(job.key, "meta", job.serializer.dumps(job.meta))
-        p.execute()
+    which a booked deferral had set; its hash follows in RQ's own pipeline as the job starts
+    (:meth:`Job.prepare_for_execution`), not in a round trip of its own."""
+    job.enqueue_at_front = job.meta.pop(META_AT_FRONT)
+    job.__dict__[_RESTORED] = True
 
 
 class Worker(_GatedWorker, rq.worker.Worker):
