@@ -328,6 +328,16 @@ def report(res: dict[str, SlicedResult], slices: int, seconds: float) -> tuple[s
         if num in res and den in res
     ]
     out.append("  cross-check, ratio of overall calls/s / of p50 latencies: " + "; ".join(cross))
+    # the same single-check anchors for the policy without the operating counters (`counters: false`):
+    # what the engine's decision costs by itself, apart from the counters it keeps by default
+    info = [
+        f"{label.split(' (')[0].replace('check', 'check, counters off', 1)} "
+        f"{paired_ratio(res[TG_CHECK_OFF], res[den]):.2f}x"
+        for label, num, den, _ in TARGETS
+        if num == TG_CHECK and den in res and TG_CHECK_OFF in res
+    ]
+    if info:
+        out.append("  (info) the same, counters off (`counters: false`): " + "; ".join(info))
     return "\n".join(out), ok_all
 
 

@@ -14,7 +14,9 @@ channel per client process, C concurrent callers each awaiting one call at a tim
   and, when ``h2load`` (Debian/Ubuntu package ``nghttp2-client``) is installed, by ``h2load`` (16 HTTP/2
   connections, 8 streams each, the same ``Check`` request on one key): a load generator in C that costs
   ~40 µs of CPU per call where the Python client costs ~300 µs, so on a small machine the servers, not the
-  client, get the cores. The ``--workers`` target is read from the h2load pair when there is one.
+  client, get the cores. The ``--workers`` target is read from the h2load pair when there is one; the
+  same h2load pair is run on the floor (two floor processes on one port, ``SO_REUSEPORT``, against one), so
+  the report shows what two bare grpc.aio processes gain on the same machine next to what taskgate gains.
 
 Targets: taskgate >= 0.8x the floor per server process (64 callers); ``--workers 2`` >= 1.3x one worker.
 Each measurement runs in several rounds in alternating order and the best round is kept (bench/_common.py).
@@ -103,10 +105,11 @@ class FloorServicer(pbg.RateLimiterServicer):
         return pb.CheckResponse(decision=pb.Decision(allowed=allowed == 1, limit=BURST, retry_after_ms=retry))
 
 
-async def floor_server(listen: str, url: str, prefix: str) -> None:
+async def floor_server(listen: str, url: str, prefix: str, reuseport: bool = False) -> None:
     client = redis.asyncio.Redis.from_url(url)
     sha = await client.script_load(BARE_GCRA)
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    # --reuseport: a second floor process on the first one's port (the floor of `--workers 2`)
+    server = grpc.aio.server(options=[("grpc.so_reuseport", int(reuseport))])
     floor = FloorServicer(client, sha, prefix)  # type: ignore[abstract]  # only Check is served
     pbg.add_RateLimiterServicer_to_server(floor, server)
     port = server.add_insecure_port(listen)
@@ -244,6 +247,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--floor-server", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--listen", default="127.0.0.1:0", help=argparse.SUPPRESS)
     p.add_argument("--prefix", default="", help=argparse.SUPPRESS)
+    p.add_argument("--reuseport", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--client", metavar="TARGET", help=argparse.SUPPRESS)
     p.add_argument("--op", default="check", help=argparse.SUPPRESS)
     p.add_argument("--concurrency", type=int, default=1, help=argparse.SUPPRESS)
@@ -275,7 +279,7 @@ def _ready(proc: ServerProcess, marker: str) -> ServerProcess:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.floor_server:
-        asyncio.run(floor_server(args.listen, args.redis, args.prefix))
+        asyncio.run(floor_server(args.listen, args.redis, args.prefix, args.reuseport))
         return 0
     if args.client:
         out = asyncio.run(load(args.client, args.op, args.concurrency, args.seconds, args.tag))
@@ -296,8 +300,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     one = ServerProcess(*serve).launch()
     two = ServerProcess(*serve, "--workers", "2").launch()
     servers = [floor, one, two]
+    floor_pair: list[ServerProcess] = []  # two floor processes on one port: the floor of `--workers 2`
     try:
         _ready(floor, READY)
+        if h2load:
+            floor_args = ("--redis", args.redis, "--prefix", prefix, "--reuseport")
+            floor_pair.append(_ready(FloorProcess(*floor_args).launch(), READY))
+            servers.append(floor_pair[0])
+            floor_pair.append(_ready(FloorProcess(*floor_args, listen=floor_pair[0].listen).launch(), READY))
+            servers.append(floor_pair[1])
         for s in (one, two):
             s.wait_ready()
         print("machine: " + "; ".join(f"{k} {v}" for k, v in meta.items()), flush=True)
@@ -320,6 +331,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             h2(f"taskgate --workers 1, {H2LOAD_LABEL}", one, [one.pid])
             h2(f"taskgate --workers 2, {H2LOAD_LABEL}", two, two_pids)
+            h2(f"floor 1 process, {H2LOAD_LABEL}", floor, [floor.pid])
+            h2(f"floor 2 processes, {H2LOAD_LABEL}", floor_pair[0], [p.pid for p in floor_pair])
 
         def progress(msg: str) -> None:
             print(f"  .. {msg}", file=sys.stderr, flush=True)
@@ -381,6 +394,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             body.append(line + "   <- the target")
         else:
             body.append(line.replace("PASS", "(info)").replace("MISS", "(info)") + " (client-bound)")
+    if h2load:
+        f1, f2 = (
+            sel.best[f"floor 1 process, {H2LOAD_LABEL}"].ops,
+            sel.best[f"floor 2 processes, {H2LOAD_LABEL}"].ops,
+        )
+        w2 = sel.best[f"taskgate --workers 2, {H2LOAD_LABEL}"].ops
+        body.append(
+            f"(info) the same pair for the floor, 2 processes / 1 with h2load: {f2 / f1 if f1 else 0:.2f}x "
+            f"(what two bare grpc.aio processes gain on this machine); taskgate --workers 2 / floor 2 "
+            f"processes: {w2 / f2 if f2 else 0:.2f}x"
+        )
     body.append(
         f"(info) server CPU per call, 64 callers: floor {floor_cpu:,.0f} µs, taskgate {tg_cpu:,.0f} µs: one "
         f"taskgate process has {floor_cpu / tg_cpu if tg_cpu else 0:.2f}x the floor's capacity"
