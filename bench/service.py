@@ -324,10 +324,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         _ready(floor, READY)
         if h2load:
             floor_args = ("--redis", args.redis, "--prefix", prefix, "--reuseport")
-            floor_pair.append(_ready(FloorProcess(*floor_args).launch(), READY))
-            servers.append(floor_pair[0])
-            floor_pair.append(_ready(FloorProcess(*floor_args, listen=floor_pair[0].listen).launch(), READY))
-            servers.append(floor_pair[1])
+            for listen in (None, "first"):  # the second on the first one's port
+                fp = FloorProcess(*floor_args, listen=floor_pair[0].listen if listen else None).launch()
+                servers.append(fp)  # (stopped below whatever happens next)
+                floor_pair.append(_ready(fp, READY))
         for s in (one, two):
             s.wait_ready()
         print("machine: " + "; ".join(f"{k} {v}" for k, v in meta.items()), flush=True)
