@@ -324,8 +324,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _ready(floor, READY)
         if h2load:
             floor_args = ("--redis", args.redis, "--prefix", prefix, "--reuseport")
-            for listen in (None, "first"):  # the second on the first one's port
-                fp = FloorProcess(*floor_args, listen=floor_pair[0].listen if listen else None).launch()
+            for i in range(2):  # the second one on the first one's port
+                fp = FloorProcess(*floor_args, listen=floor_pair[0].listen if i else None).launch()
                 servers.append(fp)  # (stopped below whatever happens next)
                 floor_pair.append(_ready(fp, READY))
         for s in (one, two):
