@@ -25,6 +25,10 @@ How it works (see ``shared/research/integration-mechanics.md`` for the experimen
 - ``task_prerun``/``task_postrun`` fire on every deferred attempt too (state IGNORED); use our signals
   :data:`task_throttled` and :data:`task_admitted` for metrics.
 - Eager mode (``task_always_eager``): no re-publish; the caller waits ``retry_after`` and asks again.
+- The waiting room (policies that park, see :mod:`taskgate.integrations.waiting`): a denied task is parked
+  in the engine (atomically with its decision) and acked; the worker's promoter sends it back, admitted, to
+  a *lane* of its queue (``<queue>.taskgate``) that every worker consuming the queue also consumes (added at
+  start-up), so it never lands behind a backlog. It claims its grant there and does not pay again.
 """
 
 from __future__ import annotations
@@ -37,23 +41,29 @@ from collections.abc import Callable
 from typing import Any
 
 try:
-    from celery import Celery, Task
+    from celery import Celery, Task, signals
     from celery.app.annotations import prepare as prepare_annotations
     from celery.exceptions import Ignore, Reject, Retry
     from celery.utils.dispatch import Signal
     from celery.utils.functional import firstmethod
+    from kombu.serialization import dumps as kombu_dumps
+    from kombu.serialization import loads as kombu_loads
+    from kombu.utils.uuid import uuid
 except ImportError as e:  # pragma: no cover - depends on the install
     raise ImportError(f"taskgate.celery needs Celery: pip install 'taskgate[celery]' ({e})") from e
 
+from taskgate.backends.waiting import Promoted, WaitingRoom
 from taskgate.errors import ThrottledError
-from taskgate.integrations._gate import AdmissionGroup, Admitted, DeferralState, Deferred, Gate
+from taskgate.integrations._gate import AdmissionGroup, Admitted, DeferralState, Deferred, Gate, Parked
 from taskgate.integrations.options import OPTION_NAMES, ThrottleOptions, check_option_names, parse_options
+from taskgate.integrations.waiting import Promoter, parks
 from taskgate.policy import PolicySource
 
 __all__ = ["HEADER", "ThrottledTask", "configure", "install", "task_admitted", "task_throttled"]
 
 log = logging.getLogger("taskgate")
 HEADER = "taskgate"
+LANE_SUFFIX = ".taskgate"  # promoted tasks of queue Q go to the lane Q + LANE_SUFFIX
 _CLEAN_EXC = (Ignore, Reject, Retry)
 
 task_throttled = Signal(
@@ -75,6 +85,35 @@ class _Runtime:
         self.defaults = defaults
         self.gate = Gate(self.backend_now, short_wait_ms=int(defaults.get("short_wait_ms", 250)))
         self._options: dict[type[Any], ThrottleOptions | None] = {}
+        self._room: WaitingRoom | None = None
+        self._room_pid = -1
+        self.promoter = Promoter(self.room, self.send_promoted)
+
+    def room(self) -> WaitingRoom:
+        """This process's view of the waiting rooms (over its backend)."""
+        if self._room is None or self._room_pid != os.getpid():
+            self._room, self._room_pid = WaitingRoom(self.backend_now()), os.getpid()
+        return self._room
+
+    def parks(self, opts: ThrottleOptions) -> bool:
+        b = self.backend_now()
+        return any(parks(b.policy(n), b) for n in opts.policies)
+
+    def parks_any(self) -> bool:
+        b = self.backend_now()
+        return any(parks(p, b) for p in getattr(b, "policies", {}).values())
+
+    def send_promoted(self, policy: str, key: str, t: Promoted) -> None:
+        """Send a promoted task to the lane of its queue, marked with the policy that granted it."""
+        ctype, enc, body = t.payload.split(b"\n", 2)
+        d = kombu_loads(body, ctype.decode(), enc.decode(), accept={ctype.decode()})  # type: ignore[no-untyped-call]
+        opts = d.setdefault("options", {})
+        headers = opts.setdefault("headers", {})
+        state = DeferralState.from_dict(headers.get(HEADER))
+        state.promoted = policy
+        headers[HEADER] = state.as_dict()
+        opts["queue"] = str(opts.get("queue") or self.app.conf.task_default_queue) + LANE_SUFFIX
+        self.app.signature(d).apply_async()
 
     def backend_now(self) -> Any:
         if self._backend is None or self._pid != os.getpid():
@@ -146,7 +185,9 @@ def configure(app: Celery, backend: Any = None, policies: PolicySource = None, *
     """Tell ``app`` which backend (URL or backend object) and policies its throttled tasks use, and the
     app-wide defaults (``max_deferrals``, ``on_exhausted``, ``book``, ``short_wait_ms``, ``max_countdown``;
     also readable from ``app.conf.taskgate_<name>``)."""
-    unknown = set(defaults) - {"max_deferrals", "on_exhausted", "book", "short_wait_ms", "max_countdown"}
+    unknown = set(defaults) - {
+        "max_deferrals", "on_exhausted", "book", "short_wait_ms", "max_countdown", "gate_on_send"
+    }  # fmt: skip
     if unknown:
         raise TypeError(f"taskgate.celery.install(): unknown option(s) {sorted(unknown)}")
     _runtimes[id(app)] = _Runtime(app, backend, policies, defaults)
@@ -165,12 +206,37 @@ def install(app: Celery, backend: Any = None, policies: PolicySource = None, **d
     # app.config_from_object() after install() reloads the configuration and drops what install() set:
     # (re-)annotate whenever the configuration is loaded, and now if it already is
     app.on_after_configure.connect(_on_after_configure, weak=False)
+    signals.celeryd_after_setup.connect(_on_worker_setup, weak=False)
+    signals.worker_ready.connect(_on_worker_ready, weak=False)
+    signals.worker_shutdown.connect(_on_worker_shutdown, weak=False)
     if app.configured:
         _annotate(app)
 
 
 def _on_after_configure(sender: Celery, **kwargs: Any) -> None:
     _annotate(sender)
+
+
+def _on_worker_setup(sender: Any, instance: Any, **kwargs: Any) -> None:
+    """Every queue a worker consumes gets its lane of promoted tasks, consumed by the same worker."""
+    rt = _runtimes.get(id(instance.app))
+    if rt is None or not rt.parks_any():
+        return
+    queues = instance.app.amqp.queues
+    for q in list(queues.consume_from.values()):
+        if not q.name.endswith(LANE_SUFFIX):
+            queues.select_add(q.name + LANE_SUFFIX)
+
+
+def _on_worker_ready(sender: Any, **kwargs: Any) -> None:
+    rt = _runtimes.get(id(sender.app))
+    if rt is not None and rt.parks_any():
+        rt.promoter.start()
+
+
+def _on_worker_shutdown(sender: Any, **kwargs: Any) -> None:
+    for rt in list(_runtimes.values()):
+        rt.promoter.stop()
 
 
 def _annotate(app: Celery) -> None:
@@ -201,7 +267,7 @@ class _Annotation:
     def annotate_any(self) -> dict[str, Any]:
         others = [a for a in prepare_annotations(self.app.conf.task_annotations) if a is not self]
         theirs = firstmethod("annotate_any")(others) or {}
-        return {**theirs, "@__call__": _around}
+        return {**theirs, "@__call__": _around, "@apply_async": _around_send}
 
     def __repr__(self) -> str:
         return "<taskgate.celery annotation {'*': {'@__call__': taskgate}}>"
@@ -247,6 +313,87 @@ class ThrottledTask(Task):  # type: ignore[misc]
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return throttled_call(self, Task.__call__, args, kwargs)
 
+    def apply_async(self, args: Any = None, kwargs: Any = None, task_id: Any = None, **options: Any) -> Any:
+        return throttled_send(self, Task.apply_async, args, kwargs, task_id, options)
+
+
+def _around_send(send: Callable[..., Any]) -> Callable[..., Any]:
+    def apply_async(
+        self: Task, args: Any = None, kwargs: Any = None, task_id: Any = None, **options: Any
+    ) -> Any:
+        return throttled_send(self, send, args, kwargs, task_id, options)
+
+    return apply_async
+
+
+_NOT_STORED = ("producer", "connection", "publisher", "router", "exchange", "routing_key", "add_to_parent")
+
+
+def throttled_send(
+    task: Task, send: Callable[..., Any], args: Any, kwargs: Any, task_id: Any, options: dict[str, Any]
+) -> Any:
+    """Sending a task whose policy parks: decide it now, so throttled work never queues on the broker.
+    Admitted: sent with its grant (the worker claims it). Not admitted: parked in the waiting room, sent
+    later by a worker's promoter, and nothing is sent now. Anything else (eager mode, a countdown or eta, a
+    task of several policies, a message already promoted, the store down) is sent as it is: the worker
+    decides."""
+    rt = _runtimes.get(id(task.app))
+    opts = rt.options(task) if rt is not None else None
+    headers = options.get("headers") or {}
+    if (
+        rt is None
+        or opts is None
+        or len(opts.policies) != 1
+        or not rt.setting("gate_on_send", True)
+        or task.app.conf.task_always_eager
+        or options.get("countdown") is not None
+        or options.get("eta") is not None
+        or (isinstance(headers, dict) and HEADER in headers)
+        or not rt.parks(opts)
+    ):
+        return send(task, args, kwargs, task_id=task_id, **options)
+    args, kwargs = tuple(args or ()), dict(kwargs or {})
+    task_id = str(task_id or uuid())
+    stored = {k: v for k, v in options.items() if k not in _NOT_STORED}
+    parent = task.app.current_worker_task
+    if parent is not None and parent.request.id:
+        stored.setdefault("parent_id", parent.request.id)
+        stored.setdefault("root_id", parent.request.root_id or parent.request.id)
+    queue = _send_queue(task, args, kwargs, options)
+    stored["queue"] = queue
+    stored["headers"] = {**(headers if isinstance(headers, dict) else {}), HEADER: DeferralState().as_dict()}
+    try:
+        sig = task.signature(args, kwargs, task_id=task_id, **stored)
+        out = rt.gate.enter_at_send(rt.room(), opts, args, kwargs, task_id, _payload(task, sig))
+    except Exception as e:  # unserializable options, a key= that raises, the store down: the worker decides
+        log.debug("taskgate: %s[%s] not decided at send (%s): sent as it is", task.name, task_id, e)
+        return send(task, args, kwargs, task_id=task_id, **options)
+    if out == "handed":
+        state = DeferralState(promoted=opts.policies[0])
+        options = {**options, "headers": {**stored["headers"], HEADER: state.as_dict()}, "queue": queue}
+        for k in ("exchange", "routing_key"):
+            options.pop(k, None)
+        return send(task, args, kwargs, task_id=task_id, **options)
+    log.debug("taskgate: %s[%s] %s at send (policy %r)", task.name, task_id, out, opts.policies[0])
+    return task.AsyncResult(task_id)
+
+
+def _send_queue(task: Task, args: Any, kwargs: Any, options: dict[str, Any]) -> str:
+    """The name of the queue a task being sent is routed to (the app's router, as Celery would)."""
+    q = options.get("queue")
+    if q is not None:
+        return str(getattr(q, "name", q))
+    route = task.app.amqp.router.route(dict(options), task.name, args, kwargs)
+    q = route.get("queue")
+    return str(getattr(q, "name", q) or task.app.conf.task_default_queue)
+
+
+def _payload(task: Task, sig: Any) -> bytes:
+    """A signature as stored in the waiting room: content type, encoding and body, as kombu serializes it."""
+    ctype, enc, body = kombu_dumps(dict(sig), serializer=task.serializer)  # type: ignore[no-untyped-call]
+    data = body if isinstance(body, bytes) else str(body).encode()
+    return str(ctype).encode() + b"\n" + str(enc).encode() + b"\n" + data
+
 
 def throttled_call(
     task: Task, call: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -264,6 +411,8 @@ def throttled_call(
         return call(task, *args, **kwargs)
     headers = req.headers or {}
     state = DeferralState.from_dict(headers.get(HEADER) or getattr(req, HEADER, None))
+    if not req.is_eager and rt.parks(opts) and state.deferrals < _max_deferrals(rt, opts, opts.policies[0]):
+        return _through_room(task, rt, opts, call, args, kwargs, state)
     while True:
         out = rt.gate.enter(opts, args, kwargs, state, holder=str(req.id))
         if isinstance(out, Admitted):
@@ -298,11 +447,79 @@ def throttled_call(
             raise
 
 
-def _max_deferrals(rt: _Runtime, opts: ThrottleOptions, out: Deferred) -> int:
+def _max_deferrals(rt: _Runtime, opts: ThrottleOptions, out: Deferred | str) -> int:
     if opts.max_deferrals is not None:
         return opts.max_deferrals
     v = rt.setting("max_deferrals", None)
-    return int(v) if v is not None else rt.backend_now().policy(out.policy).deferral.max_deferrals
+    policy = out if isinstance(out, str) else out.policy
+    return int(v) if v is not None else rt.backend_now().policy(policy).deferral.max_deferrals
+
+
+def _through_room(
+    task: Task,
+    rt: _Runtime,
+    opts: ThrottleOptions,
+    call: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    state: DeferralState,
+) -> Any:
+    """Admit, or park in the waiting room and ack; run the task if admitted, then hand on a freed slot."""
+    req = task.request
+    nxt = DeferralState(state.deferrals + 1, {}, 0)
+    headers = dict(req.headers or {})
+    headers[HEADER] = nxt.as_dict()
+    sig = task.signature_from_request(req, queue=_queue_of(task), retries=req.retries, headers=headers)
+    out = rt.gate.enter_room(rt.room(), opts, args, kwargs, state, str(req.id), _payload(task, sig))
+    if isinstance(out, Deferred):  # the store is down (fail: closed)
+        _defer(task, rt, out, state.deferrals)
+    if isinstance(out, Parked):
+        if out.duplicate:
+            log.info("taskgate: %s[%s] is a duplicate message (it waits, or ran): dropped", task.name, req.id)
+        else:
+            log.debug(
+                "taskgate: parked %s[%s] (policy %r, %d waiting)", task.name, req.id, out.policy, out.depth
+            )
+            task_throttled.send(
+                sender=task, task_id=req.id, policy=out.policy, axis=out.axis or "waiting", countdown=None,
+                deferrals=nxt.deferrals, decision=None,
+            )  # fmt: skip
+        raise Ignore()
+    assert isinstance(out, Admitted)
+    freed = [(a.policy, a.key) for a in out.group.admissions if a.lease_id]
+    try:
+        with out.group:
+            task_admitted.send(sender=task, task_id=req.id, policies=opts.policies, deferrals=state.deferrals)
+            try:
+                return call(task, *args, **kwargs)
+            except _CLEAN_EXC:
+                out.group.release(dropped=False)
+                raise
+    finally:
+        for policy, key in freed:  # the freed slot goes to the oldest waiter now, not at the next round
+            try:
+                rt.promoter.hand_off(policy, key)
+            except Exception as e:
+                log.warning(
+                    "taskgate: handing on the slot of policy %r failed (%s); the promoter will", policy, e
+                )
+
+
+def _queue_of(task: Task) -> str:
+    """The name of the queue the current message came from (its routing key among the queues known)."""
+    info = task.request.delivery_info or {}
+    rk = info.get("routing_key")
+    queues = task.app.amqp.queues
+    if rk:
+        name = str(rk)
+        if name.endswith(LANE_SUFFIX):
+            return name[: -len(LANE_SUFFIX)]
+        if name in queues:
+            return name
+        for q in queues.values():
+            if q.routing_key == rk:
+                return str(q.name)
+    return str(task.app.conf.task_default_queue)
 
 
 def _on_exhausted(rt: _Runtime, opts: ThrottleOptions, out: Deferred) -> str:

@@ -179,6 +179,9 @@ class DeferralSpec:
     max_deferrals: int = 1000
     on_exhausted: Literal["fail", "run"] = "fail"
     jitter_ms: int = 50
+    # where a task waits: "always" in the engine's waiting room, "never" (re-published to the broker with a
+    # countdown), "auto": in the waiting room when the store persists its data (AOF or RDB), else "never"
+    park: Literal["auto", "always", "never"] = "auto"
 
 
 @dataclass(frozen=True, slots=True)
@@ -403,11 +406,12 @@ def _parse_deferral(r: _Reader) -> DeferralSpec:
     if not r.has("deferral"):
         return DeferralSpec()
     d = r.mapping("deferral")
-    d.only({"maxDeferrals", "onExhausted", "jitter"})
+    d.only({"maxDeferrals", "onExhausted", "jitter", "park"})
     return DeferralSpec(
         max_deferrals=d.integer("maxDeferrals", default=1000, minimum=0),  # 0: on_exhausted at once
         on_exhausted=cast(Literal["fail", "run"], d.choice("onExhausted", ("fail", "run"), "fail")),
         jitter_ms=d.duration("jitter", default=50),
+        park=cast(Literal["auto", "always", "never"], d.choice("park", ("auto", "always", "never"), "auto")),
     )
 
 

@@ -365,6 +365,25 @@ class AxesPlanner(Planner):
                 "limiter: "
                 "use check"
             )
+        escrow = self.admit_units(p, key, cost, tokens)
+        rid = uuid.uuid4().hex if escrow else ""
+        hold = _holder(holder) if p.concurrency else ""
+        keys, args = self.admit_parts(p, key, cost, tokens, now, hold=hold, rid=rid, book=book, token=token)
+
+        def decode(raw: Sequence[Any]) -> AdmitReply:
+            member = _s(raw[8])
+            lease = LeaseRef.make(name, key, member) if member else None
+            reserved = int(raw[10])
+            return AdmitReply(
+                decode_decision(raw), _s(raw[7]), lease, int(raw[9]), rid if reserved else "", reserved
+            )
+
+        return self._counted(p, "admit", p.rate.strategy if p.rate else None, keys, args, decode, key)
+
+    @staticmethod
+    def admit_units(p: Policy, key: str, cost: int, tokens: int) -> bool:
+        """Validate the units of one admission of ``p``; True if its tokens are escrowed."""
+        name = p.name
         check_key(key)
         check_units(cost, "cost", name, p.rate.max_cost if p.rate else None)
         _tokens(tokens)
@@ -376,17 +395,32 @@ class AxesPlanner(Planner):
                 f"tokens {tokens} can never be admitted by policy {name!r} "
                 f"(its smallest budget is {min(b.budget for b in p.budgets)}): it would be deferred forever"
             )
+        return escrow
+
+    def admit_parts(
+        self,
+        p: Policy,
+        key: str,
+        cost: int,
+        tokens: int,
+        now: int | None,
+        *,
+        hold: str,
+        rid: str = "",
+        book: bool = False,
+        token: str = "",
+    ) -> tuple[list[str], list[str | int | float]]:
+        """KEYS and ARGV of op admit (``lua/op_admit.lua``) for ``p`` (any policy: the waiting room admits
+        plain rate policies with it too). ``hold`` is the lease holder (ignored without concurrency)."""
         ks = keyset(self.prefix, p, key)
-        rid = uuid.uuid4().hex if escrow else ""
         c = p.concurrency
-        hold = _holder(holder) if c is not None else ""
         keys = [ks.rate, ks.bookings, ks.leases, ks.meta, ks.waiters, ks.reservation(rid or "-")]
         keys += [ks.budget(i) for i in range(len(p.budgets))]
         args: list[str | int | float] = [
             check_now(now),
             cost,
             tokens,
-            hold,
+            hold if c is not None else "",
             c.lease_ttl_ms if c else 0,
             c.min_limit if c else 0,
             c.max_limit if c else 0,
@@ -399,16 +433,7 @@ class AxesPlanner(Planner):
             *(p.rate.params() if p.rate else []),
             p.booking_horizon_ms,
         ]
-
-        def decode(raw: Sequence[Any]) -> AdmitReply:
-            member = _s(raw[8])
-            lease = LeaseRef.make(name, key, member) if member else None
-            reserved = int(raw[10])
-            return AdmitReply(
-                decode_decision(raw), _s(raw[7]), lease, int(raw[9]), rid if reserved else "", reserved
-            )
-
-        return self._counted(p, "admit", p.rate.strategy if p.rate else None, keys, args, decode, key)
+        return keys, args
 
     def _lease_set(self, lease: LeaseRef) -> tuple[Policy, list[str]]:
         p = self.policy(lease.policy)

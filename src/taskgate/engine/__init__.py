@@ -81,10 +81,12 @@ def script(op: str, strategy: str | None = None, stats: StatsMode = "off", stats
         _read("common.lua"),
     ]
     parts.append(_stats_fragment(stats, stats_keys))
-    if op not in ("reset", "stats"):
+    if op not in ("reset", "stats", *_ROOM_PLAIN_OPS):
         parts.append(_read(f"rate_{strategy or 'none'}.lua"))
         for frag in _EXTRA_FRAGMENTS.get(op, ()):
             parts.append(_read(frag))
+    if op in _ROOM_ADMIT_OPS:  # the waiting room admits with the very body of op admit, as a function
+        parts.append(f"local function tg_admit(KEYS, ARGV)\n{_read('op_admit.lua')}\nend\n")
     body = _read(f"op_{op}.lua")
     if stats == "off" or op == "stats":
         parts.append(body)
@@ -102,4 +104,10 @@ _EXTRA_FRAGMENTS: dict[str, tuple[str, ...]] = {
     "debit": ("budget.lua",),
     "reserve": ("budget.lua",),
     "settle": ("budget.lua",),
+    "enter": ("conc.lua", "budget.lua", "room.lua"),
+    "promote": ("conc.lua", "budget.lua", "room.lua"),
+    "claim": ("room.lua",),
 }
+# Waiting-room operations that admit (they embed op admit) and those that need no rate fragment.
+_ROOM_ADMIT_OPS = frozenset({"enter", "promote"})
+_ROOM_PLAIN_OPS = ("rooms_due", "room_purge")

@@ -10,6 +10,11 @@ so a key can never close the hash tag or collide with another key's layout)::
     {prefix}:{P:K}:c        concurrency leases when the limit is per key (sorted set lease -> expiry)
     {prefix}:{P}:c          concurrency leases when the limit is policy-wide
     ...:cm, ...:cw          lease meta (adaptive limit, mean hold) and waiters, beside the leases
+    {prefix}:{P:K}:wq, :wd, :wh, :wg, :wc, :wm
+                            the waiting room of (P, K) (``lua/room.lua``): order, payloads, hand-offs,
+                            grants, claimed ids, counters -- in the slot of the decision they wait for
+    {prefix}:rooms          index of the rooms with work (sorted set "P<US>K" -> when its head is due);
+                            a hint for the promoters (never the truth: the rooms are), its own slot
 
 All keys of one admit must share a Redis Cluster hash slot, so a policy with a *policy-wide* concurrency limit
 tags every key with ``{P}`` (``{prefix}:{P}:K:r`` ...): one slot per policy. Otherwise the tag is ``{P:K}``:
@@ -57,12 +62,14 @@ __all__ = [
     "STATS_SLOTS",
     "STATS_TOP",
     "STATS_TTL_MS",
+    "ROOM_SEP",
     "KeySet",
     "StatsKeys",
     "escape",
     "is_stats_key",
     "keyset",
     "member_head",
+    "rooms_index",
     "shares_stats_slot",
     "stats_keys",
     "unescape",
@@ -120,6 +127,11 @@ class KeySet:
     def leases(self) -> str:
         return self.policy_base + ":c"
 
+    def room(self) -> list[str]:
+        """The waiting room's keys in the order of ``lua/room.lua``: q, d, h, g, c, m."""
+        b = self.base
+        return [b + ":wq", b + ":wd", b + ":wh", b + ":wg", b + ":wc", b + ":wm"]
+
     @property
     def meta(self) -> str:
         """Per-lease-set metadata (adaptive limit, mean hold time)."""
@@ -133,6 +145,13 @@ def keyset(prefix: str, policy: Policy, key: str) -> KeySet:
         return KeySet(f"{tag}:{k}", tag)
     base = f"{prefix}:{{{policy.name}:{k}}}"
     return KeySet(base, base)
+
+
+ROOM_SEP = "\x1f"  # between the policy and the key of a room's name in the index
+
+
+def rooms_index(prefix: str) -> str:
+    return f"{prefix}:rooms"
 
 
 class StatsKeys(NamedTuple):

@@ -19,14 +19,16 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from taskgate.admission import Admission, _current, usage_tokens
+from taskgate.backends.waiting import WaitingRoom
 from taskgate.errors import BackendUnavailableError
 from taskgate.integrations.options import ThrottleOptions
+from taskgate.policy import Policy
 from taskgate.types import Decision, Settlement
 
-__all__ = ["AdmissionGroup", "Admitted", "Deferred", "DeferralState", "Gate"]
+__all__ = ["AdmissionGroup", "Admitted", "DeferralState", "Deferred", "Gate", "Parked"]
 
 log = logging.getLogger("taskgate")
 OUTAGE_BACKOFF_MS = (1000, 2000, 5000, 10_000, 30_000, 60_000)
@@ -39,9 +41,17 @@ class DeferralState:
     deferrals: int = 0
     bookings: dict[str, str] = field(default_factory=dict)
     outages: int = 0
+    promoted: str = ""  # the policy whose waiting room promoted this message (it carries that grant)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"deferrals": self.deferrals, "bookings": dict(self.bookings), "outages": self.outages}
+        d: dict[str, Any] = {
+            "deferrals": self.deferrals,
+            "bookings": dict(self.bookings),
+            "outages": self.outages,
+        }
+        if self.promoted:
+            d["promoted"] = self.promoted
+        return d
 
     @classmethod
     def from_dict(cls, d: object) -> DeferralState:
@@ -52,6 +62,7 @@ class DeferralState:
             deferrals=int(d.get("deferrals", 0) or 0),
             bookings={str(k): str(v) for k, v in b.items()} if isinstance(b, Mapping) else {},
             outages=int(d.get("outages", 0) or 0),
+            promoted=str(d.get("promoted") or ""),
         )
 
 
@@ -118,6 +129,17 @@ class Deferred:
     axis: str
     decision: Decision | None
     reason: str = "throttled"  # or "unavailable"
+
+
+@dataclass
+class Parked:
+    """The task waits in the waiting room of ``policy`` (``depth`` waiting there); or, ``duplicate``, this
+    message is a second copy of a task that waits, was promoted or ran: it must not run."""
+
+    policy: str
+    depth: int
+    axis: str
+    duplicate: bool = False
 
 
 class Stats:
@@ -235,20 +257,116 @@ class Gate:
                 return Deferred(d.retry_after_ms + jitter, nxt, p.name, axis, d)
         except BackendUnavailableError as e:
             _undo(held)
-            if all(p.fail == "open" for p in ordered):
-                log.warning("taskgate: store unavailable (%s); policy fail=open: running %s", e, opts.task)
-                return Admitted(AdmissionGroup([], fail_open=True))
-            wait = OUTAGE_BACKOFF_MS[min(state.outages, len(OUTAGE_BACKOFF_MS) - 1)]
-            log.warning(
-                "taskgate: store unavailable (%s); policy %r fail=closed: deferring %s by %.1fs",
-                e,
-                current.name,
-                opts.task,
-                wait / 1000,
-            )
-            nxt = DeferralState(state.deferrals, bookings, state.outages + 1)
-            return Deferred(wait, nxt, current.name, "unavailable", None, reason="unavailable")
+            return self._outage(e, opts, ordered, current, state, bookings)
         return Admitted(AdmissionGroup(held))
+
+    def _outage(
+        self,
+        e: BackendUnavailableError,
+        opts: ThrottleOptions,
+        ordered: Sequence[Policy],
+        current: Policy,
+        state: DeferralState,
+        bookings: dict[str, str],
+    ) -> Admitted | Deferred:
+        """The store is down: run (every policy fail=open) or defer with a growing backoff (fail=closed)."""
+        if all(p.fail == "open" for p in ordered):
+            log.warning("taskgate: store unavailable (%s); policy fail=open: running %s", e, opts.task)
+            return Admitted(AdmissionGroup([], fail_open=True))
+        wait = OUTAGE_BACKOFF_MS[min(state.outages, len(OUTAGE_BACKOFF_MS) - 1)]
+        log.warning(
+            "taskgate: store unavailable (%s); policy %r fail=closed: deferring %s by %.1fs",
+            e,
+            current.name,
+            opts.task,
+            wait / 1000,
+        )
+        nxt = DeferralState(state.deferrals, bookings, state.outages + 1)
+        return Deferred(wait, nxt, current.name, "unavailable", None, reason="unavailable")
+
+    def enter_room(
+        self,
+        room: WaitingRoom,
+        opts: ThrottleOptions,
+        args: Sequence[Any],
+        kwargs: Mapping[str, Any],
+        state: DeferralState,
+        task_id: str,
+        payload: bytes,
+    ) -> Admitted | Parked | Deferred:
+        """Like :meth:`enter`, with the engine's waiting room: a task that may not run now (after at most
+        ``short_wait_ms`` in place) is parked, atomically with its decision, and comes back admitted. A
+        message promoted from a room claims its grant there instead of paying again. An original message
+        is recognised if its task already waits or ran (a redelivery after a crash between park and ack)."""
+        key = opts.key_for(args, kwargs)
+        cost = opts.units_for("cost", args, kwargs)
+        tokens = opts.units_for("tokens", args, kwargs)
+        b = self.backend
+        policies = [b.policy(n) for n in opts.policies]
+        ordered = [p for p in policies if p.admits] + [p for p in policies if not p.admits]
+        held: list[Admission] = []
+        current = ordered[0]
+        try:
+            for p in ordered:
+                current = p
+                units = (cost if p.rate else 1, tokens if p.budgets else 0)
+                if p.name == state.promoted:
+                    c = room.claim(p.name, key, task_id, units[1])
+                    if c.admission is not None:
+                        held.append(c.admission)
+                        if c.wait_ms > 0:  # a rate slot booked ahead by the promoter: start at the slot
+                            self.sleep(c.wait_ms / 1000.0)
+                        continue
+                    if c.status == "duplicate":
+                        _undo(held)
+                        self.stats.note("duplicate")
+                        return Parked(p.name, 0, "", duplicate=True)
+                    # its lease expired on the way, or the room forgot it: admitted like any other
+                deadline = time.monotonic() + self.short_wait_ms / 1000.0
+                while True:
+                    left = int((deadline - time.monotonic()) * 1000)
+                    e = room.enter(
+                        p.name, key, task_id, payload, *units, park_over_ms=max(left, -1),
+                        dedupe=not state.promoted,
+                    )  # fmt: skip
+                    if e.status != "denied":
+                        break
+                    self.sleep(e.retry_after_ms / 1000.0)
+                if e.admission is not None:
+                    held.append(e.admission)
+                    continue
+                _undo(held)
+                dup = e.status != "parked"
+                self.stats.note("duplicate" if dup else e.binding_axis or "waiting")
+                return Parked(p.name, e.depth, e.binding_axis, duplicate=dup)
+        except BackendUnavailableError as e:
+            _undo(held)
+            return self._outage(e, opts, ordered, current, state, {})
+        self.stats.note("admitted")
+        return Admitted(AdmissionGroup(held))
+
+    def enter_at_send(
+        self,
+        room: WaitingRoom,
+        opts: ThrottleOptions,
+        args: Sequence[Any],
+        kwargs: Mapping[str, Any],
+        task_id: str,
+        payload: bytes,
+    ) -> Literal["handed", "parked", "duplicate"]:
+        """Decide a task of one policy when it is sent (so throttled work never queues on the broker):
+        ``handed`` -- admitted now, its grant kept for the worker that receives it; ``parked`` -- it waits in
+        the room and is sent when promoted (nothing to send now); ``duplicate`` -- a task with this id waits
+        or ran already. Raises :class:`BackendUnavailableError` when the store is down."""
+        (name,) = opts.policies
+        p = self.backend.policy(name)
+        key = opts.key_for(args, kwargs)
+        cost = opts.units_for("cost", args, kwargs) if p.rate else 1
+        tokens = opts.units_for("tokens", args, kwargs) if p.budgets else 0
+        e = room.enter(name, key, task_id, payload, cost, tokens, hand_off=True)
+        if e.status in ("handed", "parked"):
+            return e.status
+        return "duplicate"
 
 
 def _undo(held: list[Admission]) -> None:

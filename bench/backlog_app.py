@@ -1,0 +1,92 @@
+"""The Celery app of ``bench/backlog.py`` (and ``tests/test_waiting_room.py``), configured by environment.
+
+TG_BROKER, TG_STORE (taskgate store URL), TG_PREFIX (key prefix), TG_QUEUE (this run's queue), TG_RATE (the
+gcra limit per second), TG_PARK (deferral.park: always|never|auto), TG_CONC (a concurrency limit for
+``held``), TG_RECORD (Redis URL where every body start is recorded).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import redis
+from celery import Celery
+
+import taskgate
+import taskgate.celery
+
+PREFIX = os.environ.get("TG_PREFIX", "tgbacklog")
+RECORD = redis.Redis.from_url(os.environ.get("TG_RECORD", "redis://127.0.0.1:6379/5"))
+PARK = os.environ.get("TG_PARK", "always")
+POLICIES: dict[str, Any] = {
+    "paced": {
+        "strategy": "gcra",
+        "limit": int(os.environ.get("TG_RATE", "10")),
+        "period": "1s",
+        "burst": 1,
+        "deferral": {"park": PARK},
+    },
+    "tenant": {
+        "strategy": "gcra",
+        "limit": int(os.environ.get("TG_RATE", "10")),
+        "period": "1s",
+        "burst": 1,
+        "deferral": {"park": PARK},
+    },
+    "held": {
+        "concurrency": {"maxLimit": int(os.environ.get("TG_CONC", "3")), "leaseTtl": "10s"},
+        "deferral": {"park": PARK},
+    },
+}
+
+app = Celery("tgbacklog", broker=os.environ.get("TG_BROKER", "amqp://guest:guest@127.0.0.1:5672//"))
+app.conf.update(
+    task_default_queue=os.environ.get("TG_QUEUE", "backlog"),
+    broker_connection_retry_on_startup=True,
+    worker_prefetch_multiplier=4,
+    worker_hijack_root_logger=False,
+    task_ignore_result=True,
+)
+taskgate.celery.install(
+    app, taskgate.connect(os.environ.get("TG_STORE", "redis://127.0.0.1:6379/9"), POLICIES, prefix=PREFIX)
+)
+
+
+def _record(kind: str, ident: str, extra: str = "") -> None:
+    RECORD.rpush(f"{PREFIX}:{kind}", f"{ident}|{time.time():.6f}|{os.getpid()}|{extra}")
+
+
+@app.task(shared=False, bind=True, throttle="paced")
+def paced(self: Any, n: int) -> int:
+    _record("start", str(self.request.id))
+    return n
+
+
+@app.task(shared=False, bind=True, throttle="tenant", key="tenant")
+def per_tenant(self: Any, tenant: str, n: int) -> int:
+    _record("start", str(self.request.id), tenant)
+    return n
+
+
+@app.task(shared=False, bind=True, throttle="held")
+def held(self: Any, seconds: float) -> float:
+    _record("start", str(self.request.id))
+    time.sleep(seconds)
+    _record("end", str(self.request.id))
+    return seconds
+
+
+@app.task(shared=False, bind=True)
+def free(self: Any, n: int, seconds: float = 0.0) -> int:
+    _record("start" if not seconds else "warm", str(self.request.id), "free")
+    time.sleep(seconds)
+    return n
+
+
+@app.task(shared=False, bind=True)
+def ignored(self: Any, n: int) -> int:
+    from celery.exceptions import Ignore
+
+    raise Ignore()
