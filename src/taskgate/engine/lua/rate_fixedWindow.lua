@@ -1,13 +1,16 @@
--- Rate fragment: fixed window (ThrottleKit-compatible state).
--- State at the rate key: hash s (window start, epoch-aligned: now - now % window), c (count); PEXPIRE to the
--- window end. Params P: limit, window_ms, booking_horizon_ms (unused). Decision.limit = limit;
+-- Rate fragment: fixed window (ThrottleKit-compatible state and arithmetic).
+-- State at the rate key: hash s (window start, epoch-aligned: floor(now / window) * window, ThrottleKit's
+-- expression), c (count); PEXPIRE to the window end.
+-- Params P: limit, window_ms, arithmetic flag (unused: integers only), booking_horizon_ms (unused).
+-- Decision.limit = limit;
 -- reset_at = window end; a denial's retry_after = time to the window end.
 local function rate_params(argv, i)
-  return { limit = tonumber(argv[i]), window = tonumber(argv[i + 1]), horizon = tonumber(argv[i + 2]) }, i + 3
+  return { limit = tonumber(argv[i]), window = tonumber(argv[i + 1]), tolerant = tg_tolerant(argv[i + 2]),
+           horizon = tonumber(argv[i + 3]) }, i + 4
 end
 
 local function fw_count(key, now, P)
-  local start = now - (now % P.window)
+  local start = math.floor(now / P.window) * P.window
   local st = redis.call('HMGET', key, 's', 'c')
   local c = 0
   if tonumber(st[1]) == start then c = tonumber(st[2]) or 0 end
