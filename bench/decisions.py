@@ -1,7 +1,7 @@
 """Decision throughput and latency: taskgate's direct Redis door against its floor and against `limits`.
 
     .venv/bin/python bench/decisions.py [--redis URL] [--seconds S] [--slice S] [--pin auto|none|N]
-                                        [--record] [--profile] [--only SUBSTR,...]
+                                        [--record] [--profile] [--only SUBSTR,...] [--load-note TEXT]
 
 All in one run, on the same Redis, one thread, synchronous calls, one client connection per measurement:
 
@@ -555,6 +555,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--record", action="store_true", help="append the results to bench/RESULTS.md")
     p.add_argument("--profile", action="store_true", help="also profile taskgate's Python path")
     p.add_argument("--only", default="", help="comma-separated substrings: run only matching measurements")
+    p.add_argument(
+        "--load-note",
+        default="",
+        help="appended to the load line, e.g. what else shared the machine during the run",
+    )
     args = p.parse_args(argv)
     args.slices = max(1, round(args.seconds / args.slice))
     if args.pin not in ("auto", "none") and not args.pin.isdigit():
@@ -638,6 +643,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"PING round trip p50 {ping_after:.1f} µs after the run; load average (1 min) {load_before} before, "
         f"{load_after} after (this benchmark with Redis accounts for ~1)"
     )
+    if args.load_note:
+        after += f"; {args.load_note}"
     # a quiet machine: ~0 before; ~1 after (this benchmark and Redis)
     if _load_value(load_before) > 0.5 or _load_value(load_after) > 1.6:
         after += (
