@@ -24,11 +24,8 @@ MANIFEST: dict[str, Any] = json.loads((CONTRACT / "VENDORED.json").read_text(enc
 FILES = {f["path"]: f for f in MANIFEST["files"]}
 DESCRIPTOR = CONTRACT / "throttlekit-py.descriptor.binpb"
 
-# Upstream declarations taskgate does not (yet) serve: ThrottleKit's Fleet service (client-held leases) and its
-# messages. Adding one to our proto means removing it here, and the comparison below then covers it.
-# (Our RateLimiter.Reserve, a taskgate extension, uses ReserveTokensRequest/Response, so upstream's Fleet names
-# stay free.)
-NOT_DECLARED = {"Fleet", "Caller", "Lease", "Axis", "ReserveRequest", "ReserveResponse"}
+# Upstream declarations taskgate does not declare (none since it serves Fleet). Adding one here exempts it.
+NOT_DECLARED: set[str] = set()
 
 
 def load_upstream() -> descriptor_pb2.FileDescriptorProto:
@@ -154,6 +151,17 @@ def test_shared_services_have_upstream_rpcs() -> None:
                 r.client_streaming,
                 r.server_streaming,
             ), f"{s.name}.{r.name} differs from upstream"
+
+
+def test_shared_enums_have_upstream_values() -> None:
+    up, ours = load_upstream(), load_ours()
+    our_enums = {e.name: e for e in ours.enum_type}
+    for e in up.enum_type:
+        if e.name in NOT_DECLARED:
+            continue
+        want = {v.number: v.name for v in e.value}
+        got = {v.number: v.name for v in our_enums[e.name].value}
+        assert got == want, e.name
 
 
 def test_undeclared_upstream_names_are_exactly_the_known_ones() -> None:

@@ -34,7 +34,7 @@ from taskgate.admission import (
     HeartbeatPump,
     Reservation,
 )
-from taskgate.backends._plan import AxesPlanner, HeartbeatReply, Plan, StatsBuffer, StatsDelta
+from taskgate.backends._plan import AxesPlanner, HeartbeatReply, Plan, StatsBuffer, StatsDelta, WindowLease
 from taskgate.errors import BackendUnavailableError, TaskgateError
 from taskgate.policy import Policies, Policy
 from taskgate.types import Decision, Forecast, Settlement
@@ -287,6 +287,13 @@ class RedisBackend(_Base):
     ) -> Settlement:
         return self._run(self._plan.settle(policy, key, reservation_id, actual, now))
 
+    def lease_window(
+        self, policy: str, key: str = "", wants: int = 1, *, now: int | None = None
+    ) -> WindowLease:
+        """Take up to ``wants`` units of the current window's budget of a fixedWindow policy at once (what
+        the Fleet door grants a client to spend locally); ``key`` "" is one policy-wide budget."""
+        return self._run(self._plan.lease_window(policy, key, wants, now))
+
     def reset(self, policy: str, key: str) -> None:
         """Forget all state of ``key`` under ``policy``."""
         self._run(self._plan.reset(policy, key))
@@ -462,6 +469,12 @@ class AsyncRedisBackend(_Base):
         self, policy: str, key: str, reservation_id: str, actual: int, *, now: int | None = None
     ) -> Settlement:
         return await self._run(self._plan.settle(policy, key, reservation_id, actual, now))
+
+    async def lease_window(
+        self, policy: str, key: str = "", wants: int = 1, *, now: int | None = None
+    ) -> WindowLease:
+        """The asyncio twin of :meth:`RedisBackend.lease_window`."""
+        return await self._run(self._plan.lease_window(policy, key, wants, now))
 
     async def reset(self, policy: str, key: str) -> None:
         await self._run(self._plan.reset(policy, key))

@@ -40,4 +40,18 @@ local function rate_forecast(key, now, P)
   return { math.max(0, P.limit - c), next_at, full_at }
 end
 
+-- rate_lease(key, now, wants, P) -> {granted, window_end, limit, retry_after, now} (op_lease.lua): the free
+-- units of the current window, up to `wants`, are counted as spent at once (a partial grant is a grant).
+local function rate_lease(key, now, wants, P)
+  local start, c = fw_count(key, now, P)
+  local wend = start + P.window
+  local free = P.limit - c
+  if free < 0 then free = 0 end
+  local granted = math.min(wants, free)
+  if granted < 1 then return { 0, wend, P.limit, math.max(1, wend - now), now } end
+  redis.call('HSET', key, 's', start, 'c', c + granted)
+  tg_pexpire(key, wend - now)
+  return { granted, wend, P.limit, 0, now }
+end
+
 local function rate_max_cost(P) return P.limit end
