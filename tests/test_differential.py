@@ -2,10 +2,10 @@
 
 ThrottleKit's check scripts come from the installed reference package, throttlekit-py (see
 ``tests/reference-requirements.txt``), and run unchanged on the real Redis. taskgate runs through its public
-``check`` on the direct door (real Redis) and on the embedded store (``memory://``). Random timelines, seeded,
-for all five strategies: non-integer emission intervals and refill rates, costs up to the policy's maximum,
-equal instants, huge gaps, a worker clock stepping back a little, always with an explicit ``now=``. Every
-field of every decision must be equal.
+``check`` on the direct door (the real Redis, and a Redis Cluster) and on the embedded store (``memory://``).
+Random timelines, seeded, for all five strategies: non-integer emission intervals and refill rates, costs up
+to the policy's maximum, equal instants, huge gaps, a worker clock stepping back a little, always with an
+explicit ``now=``. Every field of every decision must be equal.
 
 The reference runs one timeline in one MULTI/EXEC: Redis (7.0+) samples its clock once per transaction, so
 no reference key expires in wall-clock time while the simulated clock (``now=``) stands still. A key expires
@@ -175,12 +175,20 @@ def replay(store_url: str, reference: Reference, strategy: str, prefix: str) -> 
     return decisions, mismatches
 
 
-@pytest.mark.parametrize("door", ["redis", "memory"])
+@pytest.mark.parametrize("door", ["redis", "memory", "cluster"])
 @pytest.mark.parametrize("strategy", sorted(CASES))
 def test_check_is_throttlekit(
-    strategy: str, door: str, reference: Reference, redis_url: str, prefix: str
+    strategy: str,
+    door: str,
+    reference: Reference,
+    redis_url: str,
+    prefix: str,
+    request: pytest.FixtureRequest,
 ) -> None:
-    store_url = redis_url if door == "redis" else f"memory://{uuid.uuid4().hex}"
+    if door == "memory":
+        store_url = f"memory://{uuid.uuid4().hex}"
+    else:
+        store_url = redis_url if door == "redis" else str(request.getfixturevalue("cluster_url"))
     decisions, mismatches = replay(store_url, reference, strategy, prefix)
     assert decisions == len(SEEDS) * OPS
     assert mismatches == [], f"{len(mismatches)} of {decisions} decisions differ; first: " + "\n".join(
