@@ -8,6 +8,7 @@ more than the window's budget, and leases and direct checks share it.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -15,8 +16,10 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+import grpc
 import pytest
 
 import taskgate
@@ -58,6 +61,38 @@ def test_only_fixed_windows_lease(connect: Any) -> None:
         b.lease_window("w", "", 0, now=NOW)
     with pytest.raises(taskgate.PolicyNotFoundError):
         b.lease_window("nope", "", 1, now=NOW)
+
+
+def test_the_fleet_answers_loopback_peers_only_without_a_secret() -> None:
+    from taskgate.server.fleet import FleetService
+
+    class Ctx:
+        def __init__(self, peer: str) -> None:
+            self._peer = peer
+            self.aborted: tuple[Any, str] | None = None
+
+        def peer(self) -> str:
+            return self._peer
+
+        async def abort(self, code: Any, message: str) -> None:
+            self.aborted = (code, message)
+
+    async def go() -> None:
+        for secret, peer, denied in (
+            (None, "ipv4:127.0.0.1:1", False),
+            (None, "unix:/tmp/sock", False),
+            (None, "ipv4:192.0.2.7:1", True),
+            ("/etc/secret", "ipv4:192.0.2.7:1", False),  # the secret interceptor has let it in
+        ):
+            ctx = Ctx(peer)
+            config = SimpleNamespace(secret_file=secret)
+            service = FleetService(SimpleNamespace(backend=None, config=config))  # type: ignore[arg-type]
+            await service._guard(ctx)
+            assert (ctx.aborted is not None) == denied, (secret, peer)
+            if ctx.aborted:
+                assert ctx.aborted[0] == grpc.StatusCode.PERMISSION_DENIED
+
+    asyncio.run(go())
 
 
 # -- ThrottleKit's client against taskgate serve ----------------------------------------------------------

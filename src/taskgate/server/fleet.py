@@ -41,12 +41,16 @@ class FleetService(pbg.FleetServicer):
         self._b = ctx.backend
         self._open = ctx.config.secret_file is not None  # the secret interceptor guards every call
 
+    async def _guard(self, context: _Ctx) -> None:
+        if self._open or is_loopback_peer(context.peer() or ""):
+            return
+        await context.abort(
+            grpc.StatusCode.PERMISSION_DENIED,
+            "the Fleet answers loopback peers only, unless the server has a secret (--secret-file)",
+        )
+
     async def Reserve(self, request: pb.ReserveRequest, context: _Ctx) -> pb.ReserveResponse:
-        if not (self._open or is_loopback_peer(context.peer() or "")):
-            await context.abort(
-                grpc.StatusCode.PERMISSION_DENIED,
-                "the Fleet answers loopback peers only, unless the server has a secret (--secret-file)",
-            )
+        await self._guard(context)
         if request.axis not in _RATE_AXES:
             raise OperationNotSupportedError(
                 f"Fleet.Reserve: taskgate leases the rate axis of a fixedWindow policy, not "
