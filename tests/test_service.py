@@ -121,7 +121,7 @@ def test_policy_catalog_round_trips(policy_file: Path) -> None:
     pols = load_policies(str(policy_file))
     extra = load_policies(
         {
-            "tb": {"strategy": "tokenBucket", "capacity": 10, "refillPerSec": 0.5},
+            "tb": {"strategy": "tokenBucket", "capacity": 10, "refillPerSec": 0.5, "arithmetic": "tolerant"},
             "sw": {"strategy": "slidingWindow", "limit": 10, "window": "1m", "buckets": 6},
             "log": {"strategy": "slidingWindowLog", "limit": 3, "window": "10s"},
             "fw": {"strategy": "fixedWindow", "limit": 3, "window": "10s", "fail": "open"},
