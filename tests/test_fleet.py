@@ -30,6 +30,7 @@ WINDOW_MS = 3_600_000
 POLICIES = {
     "w": {"strategy": "fixedWindow", "limit": 10, "windowMs": 1000},
     "g": {"strategy": "gcra", "limit": 5, "period": "1s"},
+    "t": {"tokenBudget": [{"budget": 100, "windowMs": 1000}, {"budget": 150, "windowMs": 10000}]},
 }
 NOW = 5_000_250  # 250 ms into the window [5,000,000, 5,001,000)
 
@@ -53,6 +54,24 @@ def test_leases_and_checks_share_one_budget(connect: Any) -> None:
     assert b.lease_window("w", "", 100, now=NOW).granted == 10  # "" is its own, policy-wide budget
 
 
+def test_a_token_lease_takes_the_least_any_budget_has_left(connect: Any) -> None:
+    b = connect(POLICIES)
+    got = [b.lease_window("t", "k", 60, axis="tokens", now=NOW) for _ in range(3)]
+    assert [(g.granted, g.window_end, g.limit, g.retry_after_ms) for g in got] == [
+        (60, 5_001_000, 100, 0),
+        (40, 5_001_000, 100, 0),  # the 1 s budget is spent ...
+        (0, 5_001_000, 100, 750),
+    ]
+    d = b.debit("t", "k", 1, now=NOW)  # ... for debits too: one budget, charged like a debit
+    assert (d.allowed, d.remaining) == (False, 0)
+    # the next second: the 10 s budget has 50 left, then it binds until its own window ends
+    later = [b.lease_window("t", "k", 60, axis="tokens", now=5_001_000) for _ in range(2)]
+    assert [(g.granted, g.window_end, g.limit, g.retry_after_ms) for g in later] == [
+        (50, 5_002_000, 100, 0),
+        (0, 5_010_000, 150, 9_000),
+    ]
+
+
 def test_only_fixed_windows_lease(connect: Any) -> None:
     b = connect(POLICIES)
     with pytest.raises(taskgate.OperationNotSupportedError, match="fixed window"):
@@ -61,6 +80,10 @@ def test_only_fixed_windows_lease(connect: Any) -> None:
         b.lease_window("w", "", 0, now=NOW)
     with pytest.raises(taskgate.PolicyNotFoundError):
         b.lease_window("nope", "", 1, now=NOW)
+    with pytest.raises(taskgate.OperationNotSupportedError, match="tokenBudget"):
+        b.lease_window("w", "", 1, axis="tokens", now=NOW)
+    with pytest.raises(ValueError, match="axis"):
+        b.lease_window("w", "", 1, axis="concurrency", now=NOW)
 
 
 def test_the_fleet_answers_loopback_peers_only_without_a_secret() -> None:
@@ -118,6 +141,7 @@ def cfg(tmp_path: Path) -> Path:
         "version: 1\nlimiters:\n"
         f"  window: {{strategy: fixedWindow, limit: 50, windowMs: {WINDOW_MS}}}\n"
         "  paced: {strategy: gcra, limit: 5, period: 1s}\n"
+        f"  tokens: {{tokenBudget: {{budget: 1000, windowMs: {WINDOW_MS}}}}}\n"
     )
     return path
 
@@ -148,6 +172,9 @@ def test_throttlekit_clients_never_get_more_than_the_window(
                 {"policy": "paced"},
                 {"policy": "window", "axis": "token_budget"},
                 {"policy": "nope"},
+                {"policy": "tokens", "domain": domain, "axis": "token_budget", "wants": 600},
+                {"policy": "tokens", "domain": domain, "axis": "token_budget", "wants": 600},
+                {"policy": "window", "axis": "concurrency"},
             ],
         }
     )
@@ -162,13 +189,16 @@ def test_throttlekit_clients_never_get_more_than_the_window(
     assert {(d["limit"], d["reset_at"]) for d in r["denied"]} <= {(50, e) for e in allowed}
     assert all(0 < d["retry_after_ms"] <= WINDOW_MS for d in r["denied"])
     assert r["reserves"] < 4 * 40  # leases amortize: fewer round trips than requests
-    spent, paced, token_budget, unknown = r["probes"]
+    spent, paced, token_budget, unknown, tokens1, tokens2, concurrency = r["probes"]
     assert spent["capacity"] == 0
     assert spent["limit"] == 50
     assert 0 < spent["retry_after_ms"] <= WINDOW_MS
     assert paced["error"] == "OperationNotSupportedError"  # UNIMPLEMENTED: not a fixed window
     assert token_budget["error"] == "OperationNotSupportedError"
     assert unknown["error"] == "PolicyNotFoundError"  # NOT_FOUND
+    assert concurrency["error"] == "OperationNotSupportedError"
+    assert (tokens1["capacity"], tokens2["capacity"]) == (600, 400)  # AXIS_TOKEN_BUDGET: a budget of 1000
+    assert tokens1["limit"] == tokens2["limit"] == 1000
     # the same budget through the direct door: nothing left for the domain in this window
     with taskgate.connect(redis_url, cfg, prefix=prefix) as b:
         assert isinstance(b, taskgate.RedisBackend)

@@ -490,6 +490,18 @@ class AxesPlanner(Planner):
             plans.append(self._counted(p, "heartbeat", None, list(gkeys), args, decode, ""))
         return plans
 
+    def lease_budget(self, name: str, key: str, wants: int, now: int | None = None) -> Plan[WindowLease]:
+        """Grant up to ``wants`` tokens of the policy's token budgets for ``key`` ("" = one policy-wide
+        budget no other call can name), charged at once like a debit (``op_lease_budget.lua``)."""
+        p = _budget_policy(self, name, "a token lease")
+        if key != "":
+            check_key(key)
+        wants = check_units(wants, "wants", name, None)
+        ks = keyset(self.prefix, p, key)
+        keys = [ks.budget(i) for i in range(len(p.budgets))]
+        args: list[str | int | float] = [check_now(now), wants, *_budget_args(p)]
+        return Plan(script("lease_budget", None), keys, args, decode_window_lease)
+
     def debit(self, name: str, key: str, tokens: int = 1, now: int | None = None) -> Plan[Decision]:
         p = _budget_policy(self, name, "debit")
         check_key(key)

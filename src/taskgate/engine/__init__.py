@@ -100,6 +100,7 @@ _EXTRA_FRAGMENTS: dict[str, tuple[str, ...]] = {
     "release": ("conc.lua",),
     "heartbeat": ("conc.lua",),
     "debit": ("budget.lua",),
+    "lease_budget": ("budget.lua",),
     "reserve": ("budget.lua",),
     "settle": ("budget.lua",),
 }

@@ -1,14 +1,19 @@
 """The Fleet service of ``taskgate serve`` (``throttlekit.v1.Fleet``): client-held leases.
 
 ``Reserve`` hands a client a chunk of a window's budget to spend locally (ThrottleKit's "Tier-2":
-throttlekit-py's ``FleetBackend`` / ``LeasedLimiter``). taskgate serves the rate axis of a ``fixedWindow``
-policy: the grant is computed in Lua, atomically, from the very counter ``Check`` spends
-(``engine/lua/op_lease.lua``), so all leases and checks of a window together never exceed its limit. The
-budget is the key ``caller.domain`` (the same budget as ``Check(policy, key=domain)``), or one policy-wide
-budget when the domain is empty. A lease expires at the window's end (``expiry_ms``); a refused one
-(``capacity`` 0) carries the time to that end as ``retry_after_ms``. ``wants`` 0 means 1; ``has``, ``used``
-and the caller's ``client_id``/``region``/``priority`` are advisory and ignored. Other strategies and the
-``AXIS_TOKEN_BUDGET`` / ``AXIS_CONCURRENCY`` axes answer ``UNIMPLEMENTED``.
+throttlekit-py's ``FleetBackend`` / ``LeasedLimiter``). The grant is computed in Lua, atomically, from the
+very counters the other calls spend, so all leases and calls of a window together never exceed its budget:
+
+- ``AXIS_RATE`` (or unspecified): the rate of a ``fixedWindow`` policy, from the counter ``Check`` spends
+  (``engine/lua/op_lease.lua``);
+- ``AXIS_TOKEN_BUDGET``: a policy's token budgets, charged like a debit (``op_lease_budget.lua``); with
+  several budgets the grant is the least any has left, and the lease ends with the earliest window.
+
+The budget is the key ``caller.domain`` (the same budget as ``Check(policy, key=domain)``), or one
+policy-wide budget when the domain is empty. A lease expires at the window's end (``expiry_ms``); a refused
+one (``capacity`` 0) carries the time to that end as ``retry_after_ms``. ``wants`` 0 means 1; ``has``,
+``used`` and the caller's ``client_id``/``region``/``priority`` are advisory and ignored. Other strategies
+and ``AXIS_CONCURRENCY`` answer ``UNIMPLEMENTED``.
 
 Access, like the Monitor's: a server with a secret (``--secret-file``) requires it on every call
 (ThrottleKit's clients send it as ``x-fleet-secret``, which opens the Fleet service too); without a secret
@@ -17,7 +22,7 @@ the Fleet answers loopback peers only (and Unix sockets), ``PERMISSION_DENIED`` 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import grpc
 
@@ -51,12 +56,16 @@ class FleetService(pbg.FleetServicer):
 
     async def Reserve(self, request: pb.ReserveRequest, context: _Ctx) -> pb.ReserveResponse:
         await self._guard(context)
-        if request.axis not in _RATE_AXES:
+        if request.axis in _RATE_AXES:
+            axis: Literal["rate", "tokens"] = "rate"
+        elif request.axis == pb.AXIS_TOKEN_BUDGET:
+            axis = "tokens"
+        else:
             raise OperationNotSupportedError(
-                f"Fleet.Reserve: taskgate leases the rate axis of a fixedWindow policy, not "
-                f"{pb.Axis.Name(request.axis)}"
+                "Fleet.Reserve: taskgate leases a fixedWindow policy's rate or a policy's token budget, not "
+                + pb.Axis.Name(request.axis)
             )
-        g = await self._b.lease_window(request.policy, request.caller.domain, request.wants or 1)
+        g = await self._b.lease_window(request.policy, request.caller.domain, request.wants or 1, axis=axis)
         return pb.ReserveResponse(
             lease=pb.Lease(
                 capacity=g.granted,
