@@ -1,7 +1,7 @@
 """Decision throughput and latency: taskgate's direct Redis door against its floor and against `limits`.
 
     .venv/bin/python bench/decisions.py [--redis URL] [--seconds S] [--slice S] [--pin auto|none|N]
-                                        [--record] [--profile] [--only SUBSTR,...]
+                                        [--record] [--profile] [--only SUBSTR,...] [--load-note TEXT]
 
 All in one run, on the same Redis, one thread, synchronous calls, one client connection per measurement:
 
@@ -12,10 +12,11 @@ All in one run, on the same Redis, one thread, synchronous calls, one client con
 - the ``limits`` library (``RedisStorage``: fixed window, moving window, sliding window counter), distinct
   keys;
 
-then the ratios against the targets (check >= 0.85x the bare loop and >= 1.0x limits' fixed window;
-check_many >= 0.8x the bare pipeline's per-key rate; the operating counters the engine keeps with every
-decision: ``check`` and ``check_many`` with them, the default, >= 0.9x the same policy with
-``counters: false``, see :func:`counters_report`), each the median over time slices of the two sides'
+then the ratios against the targets (check >= 0.85x the bare loop with ``counters: false`` and >= 0.75x
+with the counters, the default; check_many >= 0.8x the bare pipeline's per-key rate; the operating counters
+the engine keeps with every decision: ``check`` and ``check_many`` with them >= 0.9x the same policy with
+``counters: false``, see :func:`counters_report`; ``limits``' figures are reported, no longer a target),
+each the median over time slices of the two sides'
 calls/s in the same slice: the measurements take turns in short slices for the whole run
 (:func:`bench._common.run_interleaved`). By default the process pins itself to the local Redis server's CPU
 (see ``bench/RESULTS.md`` for why). ``--profile`` adds a cProfile of the ``check`` and ``check_many`` loops to
@@ -280,9 +281,14 @@ def _limits_item() -> RateLimitItem:
 
 
 TARGETS: tuple[tuple[str, str, str, float], ...] = (
-    ("check / bare EVALSHA loop", TG_CHECK, BARE, 0.85),
-    ("check / limits FixedWindow .hit", TG_CHECK, LIM_FIXED, 1.0),
+    ("check, counters off / bare EVALSHA loop", TG_CHECK_OFF, BARE, 0.85),
+    ("check / bare EVALSHA loop", TG_CHECK, BARE, 0.75),
     ("check_many / bare pipeline (keys/s)", TG_MANY, BARE_PIPE, 0.8),
+)
+# reported for information only (the former ">= 1.0x limits' fixed window" target is retired)
+INFO_RATIOS: tuple[tuple[str, str, str], ...] = (
+    ("check / limits FixedWindow .hit", TG_CHECK, LIM_FIXED),
+    ("check, counters off / limits FixedWindow .hit", TG_CHECK_OFF, LIM_FIXED),
 )
 
 
@@ -328,16 +334,13 @@ def report(res: dict[str, SlicedResult], slices: int, seconds: float) -> tuple[s
         if num in res and den in res
     ]
     out.append("  cross-check, ratio of overall calls/s / of p50 latencies: " + "; ".join(cross))
-    # the same single-check anchors for the policy without the operating counters (`counters: false`):
-    # what the engine's decision costs by itself, apart from the counters it keeps by default
     info = [
-        f"{label.split(' (')[0].replace('check', 'check, counters off', 1)} "
-        f"{paired_ratio(res[TG_CHECK_OFF], res[den]):.2f}x"
-        for label, num, den, _ in TARGETS
-        if num == TG_CHECK and den in res and TG_CHECK_OFF in res
+        f"{label} {paired_ratio(res[num], res[den]):.2f}x"
+        for label, num, den in INFO_RATIOS
+        if num in res and den in res
     ]
     if info:
-        out.append("  (info) the same, counters off (`counters: false`): " + "; ".join(info))
+        out.append("  (info, no target) " + "; ".join(info))
     return "\n".join(out), ok_all
 
 
@@ -552,6 +555,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--record", action="store_true", help="append the results to bench/RESULTS.md")
     p.add_argument("--profile", action="store_true", help="also profile taskgate's Python path")
     p.add_argument("--only", default="", help="comma-separated substrings: run only matching measurements")
+    p.add_argument(
+        "--load-note",
+        default="",
+        help="appended to the load line, e.g. what else shared the machine during the run",
+    )
     args = p.parse_args(argv)
     args.slices = max(1, round(args.seconds / args.slice))
     if args.pin not in ("auto", "none") and not args.pin.isdigit():
@@ -635,6 +643,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"PING round trip p50 {ping_after:.1f} µs after the run; load average (1 min) {load_before} before, "
         f"{load_after} after (this benchmark with Redis accounts for ~1)"
     )
+    if args.load_note:
+        after += f"; {args.load_note}"
     # a quiet machine: ~0 before; ~1 after (this benchmark and Redis)
     if _load_value(load_before) > 0.5 or _load_value(load_after) > 1.6:
         after += (

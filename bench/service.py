@@ -18,7 +18,8 @@ channel per client process, C concurrent callers each awaiting one call at a tim
   same h2load pair is run on the floor (two floor processes on one port, ``SO_REUSEPORT``, against one), so
   the report shows what two bare grpc.aio processes gain on the same machine next to what taskgate gains.
 
-Targets: taskgate >= 0.8x the floor per server process (64 callers); ``--workers 2`` >= 1.3x one worker.
+Target: taskgate >= 0.8x the floor per server process (64 callers). ``--workers 2`` against one worker is
+reported for information (its former ">= 1.3x" target is retired).
 Each measurement runs in several rounds in alternating order and the best round is kept (bench/_common.py);
 the ``--workers`` ratio is the median over the rounds of the two sides' calls/s in the same round (they ran
 back to back), as bench/decisions.py reads its ratios.
@@ -74,7 +75,7 @@ MANY = 100
 N_KEYS = 100_000
 _SPEC = f"{{strategy: gcra, limit: {LIMIT}, period: {PERIOD_MS}ms, burst: {BURST}}}"
 POLICY = f"version: 1\nlimiters:\n  bench: {_SPEC}\n"
-FLOOR_TARGET, WORKERS_TARGET = 0.8, 1.3
+FLOOR_TARGET = 0.8
 READY = "floor: ready on"
 
 # The floor's script: the least a GCRA decision costs (Redis TIME, GET, SET PX); same as bench/decisions.py.
@@ -204,6 +205,11 @@ def run_clients(
 
 H2LOAD_CONNS, H2LOAD_STREAMS = 16, 8
 H2LOAD_LABEL = f"h2load {H2LOAD_CONNS}x{H2LOAD_STREAMS} streams"
+
+
+def info_line(label: str, num: float, den: float) -> str:
+    """``(info) label: 1.21x`` (no target: the former ``--workers 2 >= 1.3x`` one is retired)."""
+    return f"(info) {label}: {num / den if den else 0.0:.2f}x (no target)"
 
 
 def run_h2load(target: str, pids: Sequence[int], seconds: float, name: str) -> ServiceResult:
@@ -398,29 +404,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             body.append(line + "   <- the target (per server process, saturated)")
         else:
             body.append(line.replace("PASS", "(info)").replace("MISS", "(info)"))
-    client_pair = ratio_line(
+    client_pair = info_line(
         "--workers 2 / --workers 1, 2x32 callers",
         sel.best["taskgate --workers 2, 2x32 callers"].ops,
         sel.best["taskgate --workers 1, 2x32 callers"].ops,
-        WORKERS_TARGET,
     )
     if not h2load:
-        ok &= client_pair[1]
-        body.append(client_pair[0] + "   <- the target")
+        body.append(client_pair)
         body.append("(info) --workers 2 / --workers 1 with h2load: not measured (no h2load here)")
     else:
-        body.append(client_pair[0].replace("PASS", "(info)").replace("MISS", "(info)") + " (client-bound)")
+        body.append(client_pair + " (client-bound)")
         # the target reads the pairs the way bench/decisions.py reads every ratio: the two sides back to back
         # in each round, the median over the rounds (a best-of-rounds ratio pairs two rounds' outliers)
         ratios = _paired("taskgate --workers 2", "taskgate --workers 1", sel)
-        line, passed = ratio_line(
-            f"--workers 2 / --workers 1, {H2LOAD_LABEL}, median of {len(ratios)} paired rounds",
-            statistics.median(ratios),
-            1.0,
-            WORKERS_TARGET,
+        body.append(
+            info_line(
+                f"--workers 2 / --workers 1, {H2LOAD_LABEL}, median of {len(ratios)} paired rounds",
+                statistics.median(ratios),
+                1.0,
+            )
         )
-        ok &= passed
-        body.append(line + "   <- the target")
         body.append(
             f"(info) the rounds' ratios: {_listed(ratios)}; best round / best round: " + _best_ratio(sel)
         )

@@ -69,7 +69,8 @@ POLICIES: dict[str, Any] = {
     "probe": {"strategy": "gcra", "limit": 100000, "period": "1s", "burst": 1000},
 }
 RATE_POLICIES = ("rate", "unified", "open_rate", "closed_rate")
-# How late a booked rate slot may still be redeemed (taskgate's default: 60 s). See README.md, "Battle test".
+# How late a booked rate slot may still be redeemed (taskgate's default: one emission interval, at least
+# 100 ms). See README.md, "Battle test".
 BOOKING_GRACE = os.environ.get("TGB_BOOKING_GRACE", "default")
 if BOOKING_GRACE != "default":
     for _name in RATE_POLICIES:

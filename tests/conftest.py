@@ -20,9 +20,8 @@ CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 REDIS_URL = os.environ.get("TASKGATE_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
 AMQP_URL = os.environ.get("TASKGATE_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
 ROOT = Path(__file__).resolve().parents[1]
-VECTORS = Path(
-    os.environ.get("TASKGATE_VECTORS", ROOT.parent / "shared" / "throttlekit" / "golden-vectors.json")
-)
+# ThrottleKit's conformance vectors, vendored (contract/VENDORED.json: source, version, sha256)
+VECTORS = ROOT / "contract" / "golden-vectors.json"
 
 
 def require(ok: bool, what: str, fix: str) -> None:
@@ -65,11 +64,32 @@ def amqp_url() -> str:
 
 @pytest.fixture(scope="session")
 def vectors() -> dict[str, Any]:
-    require(
-        VECTORS.is_file(), f"the golden vectors {VECTORS}", "put ThrottleKit's shared/ beside the checkout"
-    )
     data: dict[str, Any] = json.loads(VECTORS.read_text())
     return data
+
+
+# The reference implementation: ThrottleKit's own Lua scripts and descriptor, from the throttlekit-py wheel.
+# Test-only and installed without its dependencies (it pins protobuf<7, taskgate[grpc] needs protobuf>=7), so
+# it is not in the dev extra: scripts/test installs tests/reference-requirements.txt with --no-deps.
+THROTTLEKIT_PY_VERSION = "0.5.1"
+
+
+@pytest.fixture(scope="session")
+def throttlekit_py() -> Path:
+    """The installed throttlekit-py package directory (found, never imported)."""
+    import importlib.metadata
+    import importlib.util
+
+    spec = importlib.util.find_spec("throttlekit")
+    fix = "run scripts/test, or pip install --no-deps -r tests/reference-requirements.txt"
+    require(spec is not None and spec.origin is not None, "throttlekit-py (the reference)", fix)
+    assert spec is not None
+    assert spec.origin is not None
+    version = importlib.metadata.version("throttlekit-py")
+    require(
+        version == THROTTLEKIT_PY_VERSION, f"throttlekit-py {THROTTLEKIT_PY_VERSION} (found {version})", fix
+    )
+    return Path(spec.origin).parent
 
 
 @pytest.fixture

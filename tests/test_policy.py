@@ -505,3 +505,27 @@ def test_unknown_policy_lookup_names_it_and_the_loaded_ones() -> None:
         ps["nope"]
     assert isinstance(info.value, KeyError)
     assert_names(str(info.value), "'nope'", "api", "uploads", "leased")
+
+
+# -- arithmetic ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("value", "tolerant"), [(None, False), ("throttlekit", False), ("tolerant", True)])
+def test_arithmetic_defaults_to_throttlekit(value: str | None, tolerant: bool) -> None:
+    spec: dict[str, Any] = {"strategy": "gcra", "limit": 6, "period": "12755ms"}
+    if value is not None:
+        spec["arithmetic"] = value
+    p = taskgate.load_policies({"p": spec})["p"]
+    assert p.rate is not None
+    assert p.rate.tolerant is tolerant
+    assert p.rate.params() == [12755, 6, 1, 1 if tolerant else 0]  # the flag rides after the strategy's ARGV
+    assert p.rate.describe().endswith("tolerant arithmetic") is tolerant
+
+
+def test_arithmetic_is_checked() -> None:
+    with pytest.raises(taskgate.InvalidPolicyError, match="arithmetic") as e:
+        taskgate.load_policies({"p": {"strategy": "gcra", "limit": 1, "period": "1s", "arithmetic": "exact"}})
+    assert e.value.field == "arithmetic"
+    with pytest.raises(taskgate.InvalidPolicyError, match="rate axis") as e:
+        taskgate.load_policies({"p": {"concurrency": {"maxLimit": 2}, "arithmetic": "tolerant"}})
+    assert e.value.field == "arithmetic"

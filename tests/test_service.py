@@ -121,7 +121,7 @@ def test_policy_catalog_round_trips(policy_file: Path) -> None:
     pols = load_policies(str(policy_file))
     extra = load_policies(
         {
-            "tb": {"strategy": "tokenBucket", "capacity": 10, "refillPerSec": 0.5},
+            "tb": {"strategy": "tokenBucket", "capacity": 10, "refillPerSec": 0.5, "arithmetic": "tolerant"},
             "sw": {"strategy": "slidingWindow", "limit": 10, "window": "1m", "buckets": 6},
             "log": {"strategy": "slidingWindowLog", "limit": 3, "window": "10s"},
             "fw": {"strategy": "fixedWindow", "limit": 3, "window": "10s", "fail": "open"},
@@ -769,9 +769,9 @@ def test_hooks_let_another_service_in(policy_file: Path) -> None:
         services = asyncio.run(main())
     finally:
         hooks._REGISTRARS.remove(registrar)
-    # and the built-in Monitor (taskgate.server.monitor) registers itself, first or after this one
+    # and the built-in Monitor and Fleet (taskgate.server.monitor, .fleet) register themselves, in any order
     assert services[0] == "throttlekit.v1.RateLimiter"
-    assert sorted(services[1:]) == ["test.Dummy", "throttlekit.v1.Monitor"]
+    assert sorted(services[1:]) == ["test.Dummy", "throttlekit.v1.Fleet", "throttlekit.v1.Monitor"]
     assert [(e.op, e.policy, e.key, e.decision.allowed) for e in events] == [
         ("Check", "api", "k", True),
         ("Admit", "lease", "k", True),

@@ -29,7 +29,7 @@ import logging
 import os
 import re
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, TypeAlias, cast
 
@@ -118,6 +118,9 @@ class RateSpec:
     refill_per_sec: float = 0.0
     window_ms: int = 0
     buckets: int = 10
+    # `arithmetic: tolerant`: comparisons and roundings forgive a few ulps of float error (see the README);
+    # the default is ThrottleKit's plain double arithmetic, bit for bit.
+    tolerant: bool = False
 
     @property
     def max_cost(self) -> int:
@@ -129,18 +132,20 @@ class RateSpec:
         return self.limit
 
     def params(self) -> list[int | float]:
+        """The strategy's parameters, then the arithmetic flag (1 = tolerant, 0 = ThrottleKit's)."""
         s = self.strategy
+        t = 1 if self.tolerant else 0
         if s == "gcra":
-            return [self.period_ms, self.limit, self.burst]
+            return [self.period_ms, self.limit, self.burst, t]
         if s == "tokenBucket":
-            return [self.capacity, self.refill_per_sec]
+            return [self.capacity, self.refill_per_sec, t]
         if s == "fixedWindow":
-            return [self.limit, self.window_ms]
+            return [self.limit, self.window_ms, t]
         if s == "slidingWindow":
-            return [self.window_ms, self.limit, self.buckets]
-        return [self.window_ms, self.limit]
+            return [self.window_ms, self.limit, self.buckets, t]
+        return [self.window_ms, self.limit, t]
 
-    def describe(self) -> str:
+    def _describe(self) -> str:
         s = self.strategy
         if s == "gcra":
             return f"gcra {self.limit}/{self.period_ms}ms burst {self.burst}"
@@ -148,6 +153,10 @@ class RateSpec:
             return f"tokenBucket capacity {self.capacity} refill {self.refill_per_sec}/s"
         extra = f" {self.buckets} buckets" if s == "slidingWindow" else ""
         return f"{s} {self.limit}/{self.window_ms}ms{extra}"
+
+    def describe(self) -> str:
+        text = self._describe()
+        return f"{text}, tolerant arithmetic" if self.tolerant else text
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,7 +228,7 @@ class Policy:
 _POLICY_KEYS = {
     "strategy", "limit", "period", "periodMs", "burst", "capacity", "refillPerSec", "windowMs", "window",
     "buckets", "tokenBudget", "concurrency", "fail", "accounting", "bookingHorizon", "bookingGrace",
-    "deferral", "counters", "description",
+    "deferral", "counters", "description", "arithmetic",
 }  # fmt: skip
 _STRATEGY_FIELDS: dict[str, set[str]] = {
     "gcra": {"limit", "period", "periodMs", "burst"},
@@ -462,6 +471,11 @@ def parse_policy(name: str, data: object) -> Policy:
                 policy=name,
                 field=stray[0],
             )
+    arithmetic = r.choice("arithmetic", ("throttlekit", "tolerant"), "throttlekit")
+    if arithmetic == "tolerant":
+        if rate is None:
+            raise _bad(name, "arithmetic", clean["arithmetic"], "a rate axis ('strategy') to apply to")
+        rate = replace(rate, tolerant=True)
     budgets = _parse_budgets(r) if r.has("tokenBudget") else ()
     concurrency = _parse_concurrency(r) if r.has("concurrency") else None
     if rate is None and concurrency is None and not budgets:

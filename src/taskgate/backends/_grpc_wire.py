@@ -188,7 +188,7 @@ class Calls:
     @staticmethod
     def reserve(policy: str, key: str, tokens: int, now: int | None) -> Call[Reserved]:
         _no_now(now)
-        req = pb.ReserveRequest(
+        req = pb.ReserveTokensRequest(
             policy=_text(policy, "policy"), key=_text(key, "key"), tokens=check_int(tokens, "tokens")
         )
 

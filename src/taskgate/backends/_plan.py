@@ -269,6 +269,21 @@ class Planner:
         args: list[str | int | float] = [check_now(now), *self._rate_args(p, rate)]
         return Plan(script("forecast", rate.strategy), [ks.rate], args, decode_forecast)
 
+    def lease_window(self, name: str, key: str, wants: int, now: int | None = None) -> Plan[WindowLease]:
+        """Grant up to ``wants`` units of the current window of a fixedWindow policy for ``key`` ("" = one
+        policy-wide budget no check can name), from the counter ``check`` spends (``op_lease.lua``)."""
+        p, rate = self._rate_policy(name, "a lease")
+        if rate.strategy != "fixedWindow":
+            raise OperationNotSupportedError(
+                f"a lease is a chunk of a fixed window's budget, and policy {name!r} is {rate.strategy}"
+            )
+        if key != "":
+            check_key(key)
+        wants = check_units(wants, "wants", name, None)
+        ks = keyset(self.prefix, p, key)
+        args: list[str | int | float] = [check_now(now), wants, *self._rate_args(p, rate)]
+        return Plan(script("lease", rate.strategy), [ks.rate], args, decode_window_lease)
+
     def reset(self, name: str, key: str) -> Plan[int]:
         p = self.policy(name)
         check_key(key)
@@ -294,6 +309,22 @@ class ReserveReply:
     decision: Decision
     reservation_id: str
     expires_at: int
+
+
+@dataclass(frozen=True, slots=True)
+class WindowLease:
+    """A chunk of a fixed window's budget, spent at once (the Fleet door's Reserve): ``granted`` units (0 =
+    refused), valid until ``window_end`` (epoch-ms); ``retry_after_ms`` until the window ends when refused."""
+
+    granted: int
+    window_end: int
+    limit: int
+    retry_after_ms: int
+    now: int  # the instant the engine decided at (epoch-ms)
+
+
+def decode_window_lease(raw: Sequence[Any]) -> WindowLease:
+    return WindowLease(int(raw[0]), int(raw[1]), int(raw[2]), int(raw[3]), int(raw[4]))
 
 
 @dataclass(frozen=True, slots=True)
@@ -483,6 +514,18 @@ class AxesPlanner(Planner):
             args: list[str | int | float] = [check_now(now), c.lease_ttl_ms, *by_member]
             plans.append(self._counted(p, "heartbeat", None, list(gkeys), args, decode, ""))
         return plans
+
+    def lease_budget(self, name: str, key: str, wants: int, now: int | None = None) -> Plan[WindowLease]:
+        """Grant up to ``wants`` tokens of the policy's token budgets for ``key`` ("" = one policy-wide
+        budget no other call can name), charged at once like a debit (``op_lease_budget.lua``)."""
+        p = _budget_policy(self, name, "a token lease")
+        if key != "":
+            check_key(key)
+        wants = check_units(wants, "wants", name, None)
+        ks = keyset(self.prefix, p, key)
+        keys = [ks.budget(i) for i in range(len(p.budgets))]
+        args: list[str | int | float] = [check_now(now), wants, *_budget_args(p)]
+        return Plan(script("lease_budget", None), keys, args, decode_window_lease)
 
     def debit(self, name: str, key: str, tokens: int = 1, now: int | None = None) -> Plan[Decision]:
         p = _budget_policy(self, name, "debit")

@@ -15,7 +15,7 @@ import asyncio
 import logging
 import threading
 from collections.abc import Sequence
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
@@ -34,7 +34,7 @@ from taskgate.admission import (
     HeartbeatPump,
     Reservation,
 )
-from taskgate.backends._plan import AxesPlanner, HeartbeatReply, Plan, StatsBuffer, StatsDelta
+from taskgate.backends._plan import AxesPlanner, HeartbeatReply, Plan, StatsBuffer, StatsDelta, WindowLease
 from taskgate.errors import BackendUnavailableError, TaskgateError
 from taskgate.policy import Policies, Policy
 from taskgate.types import Decision, Forecast, Settlement
@@ -118,6 +118,13 @@ class _Base:
         if isinstance(raw, BaseException):
             raise self._unavailable(raw) from raw
         return raw
+
+    def _lease_plan(self, policy: str, key: str, wants: int, axis: str, now: int | None) -> Plan[WindowLease]:
+        if axis == "rate":
+            return self._plan.lease_window(policy, key, wants, now)
+        if axis == "tokens":
+            return self._plan.lease_budget(policy, key, wants, now)
+        raise ValueError(f"axis must be 'rate' or 'tokens', got {axis!r}")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url!r}, policies={sorted(self.policies)})"
@@ -286,6 +293,21 @@ class RedisBackend(_Base):
         self, policy: str, key: str, reservation_id: str, actual: int, *, now: int | None = None
     ) -> Settlement:
         return self._run(self._plan.settle(policy, key, reservation_id, actual, now))
+
+    def lease_window(
+        self,
+        policy: str,
+        key: str = "",
+        wants: int = 1,
+        *,
+        axis: Literal["rate", "tokens"] = "rate",
+        now: int | None = None,
+    ) -> WindowLease:
+        """Take up to ``wants`` units of the current window's budget at once (what the Fleet door grants a
+        client to spend locally): of a fixedWindow policy's rate (``axis="rate"``, the units ``check``
+        spends) or of its token budgets (``axis="tokens"``, charged like a debit); ``key`` "" is one
+        policy-wide budget."""
+        return self._run(self._lease_plan(policy, key, wants, axis, now))
 
     def reset(self, policy: str, key: str) -> None:
         """Forget all state of ``key`` under ``policy``."""
@@ -462,6 +484,18 @@ class AsyncRedisBackend(_Base):
         self, policy: str, key: str, reservation_id: str, actual: int, *, now: int | None = None
     ) -> Settlement:
         return await self._run(self._plan.settle(policy, key, reservation_id, actual, now))
+
+    async def lease_window(
+        self,
+        policy: str,
+        key: str = "",
+        wants: int = 1,
+        *,
+        axis: Literal["rate", "tokens"] = "rate",
+        now: int | None = None,
+    ) -> WindowLease:
+        """The asyncio twin of :meth:`RedisBackend.lease_window`."""
+        return await self._run(self._lease_plan(policy, key, wants, axis, now))
 
     async def reset(self, policy: str, key: str) -> None:
         await self._run(self._plan.reset(policy, key))

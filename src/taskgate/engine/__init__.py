@@ -102,6 +102,7 @@ _EXTRA_FRAGMENTS: dict[str, tuple[str, ...]] = {
     "release": ("conc.lua",),
     "heartbeat": ("conc.lua",),
     "debit": ("budget.lua",),
+    "lease_budget": ("budget.lua",),
     "reserve": ("budget.lua",),
     "settle": ("budget.lua",),
     "enter": ("conc.lua", "budget.lua", "room.lua"),

@@ -1,6 +1,6 @@
 """Shared-secret authentication: every call must carry the metadata ``authorization: Bearer <secret>``; a
-Monitor call (``throttlekit.v1.Monitor``) may carry ``x-monitor-secret: <secret>`` instead, as ThrottleKit's
-monitoring clients send it.
+Monitor call (``throttlekit.v1.Monitor``) may carry ``x-monitor-secret: <secret>`` instead, and a Fleet call
+(``throttlekit.v1.Fleet``) ``x-fleet-secret: <secret>``, as ThrottleKit's clients send them.
 
 The comparison is constant-time (:func:`hmac.compare_digest`). Health checks are exempt, so load balancers
 and ``grpc_health_probe`` work without the secret (they learn nothing but "serving"). TLS and mutual TLS are
@@ -15,10 +15,12 @@ from typing import Any
 
 import grpc
 
-__all__ = ["HEALTH_PREFIX", "MONITOR_PREFIX", "SecretInterceptor"]
+__all__ = ["FLEET_PREFIX", "HEALTH_PREFIX", "MONITOR_PREFIX", "SecretInterceptor"]
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 MONITOR_PREFIX = "/throttlekit.v1.Monitor/"
+FLEET_PREFIX = "/throttlekit.v1.Fleet/"
+_ALT = {MONITOR_PREFIX: "x-monitor-secret", FLEET_PREFIX: "x-fleet-secret"}  # the services' own metadata
 _MESSAGE = "missing or wrong secret: send the metadata `authorization: Bearer <secret>`"
 
 
@@ -31,15 +33,16 @@ async def _deny_stream(request: Any, context: Any) -> Any:
     yield None  # pragma: no cover (abort raises)
 
 
-def _presented(metadata: Sequence[tuple[str, str | bytes]] | None, monitor: bool = False) -> bytes:
-    """The secret a call presents: its bearer token, or (a Monitor call) its ``x-monitor-secret``."""
+def _presented(metadata: Sequence[tuple[str, str | bytes]] | None, alt: str = "") -> bytes:
+    """The secret a call presents: its bearer token, or its ``alt`` metadata (a Monitor call's
+    ``x-monitor-secret``, a Fleet call's ``x-fleet-secret``)."""
     for k, v in metadata or ():
         raw = v if isinstance(v, bytes) else v.encode("utf-8", "replace")
         if k == "authorization":
             scheme, _, token = raw.partition(b" ")
             if scheme.lower() == b"bearer" and token.strip():
                 return token.strip()
-        elif monitor and k == "x-monitor-secret" and raw.strip():
+        elif alt and k == alt and raw.strip():
             return raw.strip()
     return b""
 
@@ -69,7 +72,8 @@ class SecretInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     ) -> Any:
         method: str = details.method
         if method.startswith(self._exempt) or hmac.compare_digest(
-            _presented(details.invocation_metadata, method.startswith(MONITOR_PREFIX)), self._secret
+            _presented(details.invocation_metadata, _ALT.get(method[: method.find("/", 1) + 1], "")),
+            self._secret,
         ):
             return await continuation(details)
         return self._deny(method, await continuation(details))

@@ -1,4 +1,4 @@
-"""Extension points of ``taskgate serve`` for services that live beside the RateLimiter (the Monitor).
+"""Extension points of ``taskgate serve`` for services that live beside the RateLimiter (Monitor, Fleet).
 
 A service module registers a function with :func:`register_service`; :func:`~taskgate.server.app.build_server`
 calls it with the server and a :class:`ServiceContext` before the server starts. The function adds its
@@ -6,7 +6,7 @@ servicer, may subscribe to every decision (``ctx.listeners``), and returns its f
 advertised by reflection and health checking; decorate the servicer with
 :func:`taskgate.server.errors.map_errors` so its errors map to status codes like the RateLimiter's. Modules
 listed in :data:`BUILTIN_SERVICE_MODULES` are imported
-(if present) by the server, so ``taskgate serve`` picks the Monitor up without further wiring.
+(if present) by the server, so ``taskgate serve`` picks the Monitor and the Fleet up without further wiring.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ __all__ = [
     "registrars",
 ]
 
-BUILTIN_SERVICE_MODULES = ("taskgate.server.monitor",)
+BUILTIN_SERVICE_MODULES = ("taskgate.server.monitor", "taskgate.server.fleet")
 
 
 @dataclass(frozen=True, slots=True)

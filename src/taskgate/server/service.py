@@ -160,9 +160,9 @@ class RateLimiterService(pbg.RateLimiterServicer):
         r = await self._b.heartbeat(ids)
         return pb.HeartbeatResponse(live_ids=r.live, reclaimed_ids=r.reclaimed, next_deadline=r.next_deadline)
 
-    async def Reserve(self, request: pb.ReserveRequest, context: _Ctx) -> pb.ReserveResponse:
+    async def Reserve(self, request: pb.ReserveTokensRequest, context: _Ctx) -> pb.ReserveTokensResponse:
         r = await self._b.reserve(request.policy, request.key, request.tokens)
-        return pb.ReserveResponse(
+        return pb.ReserveTokensResponse(
             decision=encode_decision(r.decision),
             reservation_id=r.id,
             expires_at=r.expires_at,

@@ -64,6 +64,8 @@ def policy_spec(p: Policy) -> dict[str, Any]:
             spec.update(limit=r.limit, windowMs=r.window_ms)
             if r.strategy == "slidingWindow":
                 spec["buckets"] = r.buckets
+        if r.tolerant:
+            spec["arithmetic"] = "tolerant"
     if p.budgets:
         spec["tokenBudget"] = [{"budget": b.budget, "windowMs": b.window_ms} for b in p.budgets]
     c = p.concurrency

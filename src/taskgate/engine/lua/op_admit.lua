@@ -30,7 +30,7 @@ if token ~= '' then
   if valid_at ~= nil then
     if now < valid_at then
       local d = rate_decide(K_rate, now, cost, P, false, false)
-      return deny({ 0, d[2], 0, d[4], tg_ceil(valid_at - now), 1, token }, 'rate')
+      return deny({ 0, d[2], 0, d[4], math.ceil(valid_at - now), 1, token }, 'rate')
     end
     paid = true
   end

@@ -21,7 +21,7 @@ if mode == 'b' or mode == 't' then
     if valid_at ~= nil then
       if now < valid_at then
         local d = rate_decide(key, now, cost, P, false, false)
-        return { 0, d[2], 0, d[4], tg_ceil(valid_at - now), 1, token }
+        return { 0, d[2], 0, d[4], math.ceil(valid_at - now), 1, token }
       end
       redis.call('ZREM', bk, token)
       local d = rate_decide(key, now, cost, P, false, false)

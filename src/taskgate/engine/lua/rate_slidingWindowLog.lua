@@ -1,10 +1,12 @@
 -- Rate fragment: sliding window log (ThrottleKit-compatible state), O(log n) per unit.
 -- State at the rate key: sorted set, one member per admitted unit ("now-n", score now); PEXPIRE window.
--- Params P: window_ms, limit, booking_horizon_ms (unused). Entries with score <= now - window are trimmed.
+-- Params P: window_ms, limit, arithmetic flag (unused: integers only), booking_horizon_ms (unused).
+-- Entries with score <= now - window are trimmed.
 -- reset_at = oldest entry in the window + window (ThrottleKit's vectors); a denial's retry_after = when
 -- enough of the oldest entries leave the window for `cost` units.
 local function rate_params(argv, i)
-  return { window = tonumber(argv[i]), limit = tonumber(argv[i + 1]), horizon = tonumber(argv[i + 2]) }, i + 3
+  return { window = tonumber(argv[i]), limit = tonumber(argv[i + 1]), tolerant = tg_tolerant(argv[i + 2]),
+           horizon = tonumber(argv[i + 3]) }, i + 4
 end
 
 local function swl_oldest(key, now, P)
