@@ -1,0 +1,235 @@
+"""The waiting room in the engine (``backends/waiting.py``, ``engine/lua/op_{enter,promote,claim}.lua``), on the
+embedded store, the real Redis and a Redis Cluster: order, promotion by time / event / window, exactly-once
+claims, duplicates, stale hand-offs, and the index of due rooms. Decisions take an explicit ``now``."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+import taskgate
+from taskgate.backends.waiting import WaitingRoom
+from taskgate.integrations.waiting import parks, persistence
+from tests.conftest import require
+
+NOW = 1_800_000_000_000
+POLICIES = {
+    "r": {"strategy": "gcra", "limit": 10, "period": "1s", "burst": 1, "deferral": {"park": "always"}},
+    "c": {"concurrency": {"maxLimit": 2, "perKey": True, "leaseTtl": "10s"}},
+    "cw": {"concurrency": {"maxLimit": 1, "leaseTtl": "10s"}},
+    "b": {"tokenBudget": {"budget": 1000, "window": "1m"}},
+    "sw": {"strategy": "slidingWindow", "limit": 2, "window": "1s"},
+}
+
+
+@pytest.fixture
+def room(connect: Callable[[Any], taskgate.RedisBackend]) -> WaitingRoom:
+    return WaitingRoom(connect(POLICIES), lead_ms=0)
+
+
+def ids(tasks: list[Any]) -> list[str]:
+    return [t.task_id for t in tasks]
+
+
+def test_first_is_admitted_the_rest_wait_in_order(room: WaitingRoom) -> None:
+    out = [room.enter("r", "k", f"t{i}", b"p%d" % i, now=NOW) for i in range(5)]
+    assert [e.status for e in out] == ["admitted", "parked", "parked", "parked", "parked"]
+    assert [e.depth for e in out[1:]] == [1, 2, 3, 4]
+    assert out[1].retry_after_ms == 100  # the first parked: the room is due at the next slot
+    assert room.list("r", "k") == ["t1", "t2", "t3", "t4"]
+    # nothing due yet: nothing promoted, and the room says when
+    r = room.promote("r", "k", 10, now=NOW + 50)
+    assert r.tasks == [] and r.next_due == NOW + 100 and r.depth == 4
+    # by time, oldest first, one per slot
+    r = room.promote("r", "k", 10, now=NOW + 100)
+    assert ids(r.tasks) == ["t1"] and r.tasks[0].payload == b"p1" and r.next_due == NOW + 200
+    r = room.promote("r", "k", 10, now=NOW + 320)
+    assert ids(r.tasks) == ["t2"] and r.depth == 2
+
+
+def test_arrivals_never_overtake_parked_work(room: WaitingRoom) -> None:
+    room.enter("r", "k", "a", b"", now=NOW)
+    room.enter("r", "k", "b", b"", now=NOW)  # parked behind a
+    # long after, the policy would admit a newcomer, but b waits before it
+    late = room.enter("r", "k", "c", b"", now=NOW + 5000)
+    assert late.status == "parked" and late.depth == 2
+    assert ids(room.promote("r", "k", 10, now=NOW + 5000).tasks) == ["b"]
+
+
+def test_short_waits_are_returned_not_parked(room: WaitingRoom) -> None:
+    room.enter("r", "k", "a", b"", now=NOW)
+    e = room.enter("r", "k", "b", b"", park_over_ms=100, now=NOW)
+    assert e.status == "denied" and e.retry_after_ms == 100 and room.depth("r", "k") == 0
+    assert room.enter("r", "k", "b", b"", park_over_ms=99, now=NOW).status == "parked"
+
+
+def test_lead_books_slots_ahead(connect: Callable[[Any], taskgate.RedisBackend]) -> None:
+    room = WaitingRoom(connect(POLICIES), lead_ms=250)
+    for i in range(6):
+        room.enter("r", "k", f"t{i}", b"", now=NOW)
+    r = room.promote("r", "k", 10, now=NOW + 10)
+    # slots at +100, +200 are within 250 ms: promoted now, each valid from its slot
+    assert ids(r.tasks) == ["t1", "t2"]
+    assert [t.grant.valid_at for t in r.tasks] == [NOW + 100, NOW + 200]
+    assert r.next_due == NOW + 300 - 250
+    c = room.claim("r", "k", "t2", now=NOW + 50)
+    assert c.status == "claimed" and c.wait_ms == 150
+
+
+def test_duplicates_are_recognised(room: WaitingRoom) -> None:
+    room.enter("r", "k", "a", b"", now=NOW)
+    room.enter("r", "k", "b", b"", now=NOW)
+    assert room.enter("r", "k", "b", b"", now=NOW).status == "waiting"  # redelivered while parked
+    (t,) = room.promote("r", "k", 1, now=NOW + 100).tasks
+    assert room.enter("r", "k", "b", b"", now=NOW + 100).status == "waiting"  # while handed off
+    assert room.claim("r", "k", "b", now=NOW + 110).status == "claimed"
+    assert room.claim("r", "k", "b", now=NOW + 120).status == "duplicate"  # a second copy of the hand-off
+    assert room.enter("r", "k", "b", b"", now=NOW + 130).status == "done"  # the original, redelivered
+    assert room.claim("r", "k", "never", now=NOW).status == "unknown"
+    # a promoted message entering another policy's room is not a duplicate there
+    assert room.enter("r", "k", "b", b"", dedupe=False, now=NOW + 10_000).status == "admitted"
+
+
+def test_stale_hand_off_goes_out_again_with_the_same_grant(
+    connect: Callable[[Any], taskgate.RedisBackend],
+) -> None:
+    room = WaitingRoom(connect(POLICIES), handoff_ms=1000, lead_ms=0)
+    a = room.enter("c", "k", "a", b"", now=NOW)
+    room.enter("c", "k", "b", b"", now=NOW)
+    assert room.enter("c", "k", "x", b"px", now=NOW).status == "parked"  # limit 2
+    assert a.admission is not None
+    a.admission.release()
+    (t,) = room.promote("c", "k", 5, now=NOW + 20).tasks
+    assert t.task_id == "x" and t.grant.lease
+    # the promoter dies before sending it: nothing happens until the hand-off deadline...
+    assert room.promote("c", "k", 5, now=NOW + 500).tasks == []
+    # ...then it is handed out again, with the same grant (its lease still counts against the limit)
+    (again,) = room.promote("c", "k", 5, now=NOW + 1100).tasks
+    assert again.task_id == "x" and again.grant == t.grant and again.payload == b"px"
+    assert room.claim("c", "k", "x", now=NOW + 1200).status == "claimed"
+    assert room.claim("c", "k", "x", now=NOW + 1200).status == "duplicate"
+
+
+def test_a_freed_slot_goes_to_the_oldest_waiter(room: WaitingRoom) -> None:
+    a = room.enter("c", "k", "a", b"", now=NOW)
+    room.enter("c", "k", "b", b"", now=NOW)
+    assert [room.enter("c", "k", f"w{i}", b"", now=NOW).status for i in range(3)] == ["parked"] * 3
+    assert room.promote("c", "k", 5, now=NOW + 1).tasks == []
+    assert a.admission is not None
+    a.admission.release()
+    r = room.promote("c", "k", 5, now=NOW + 2)
+    assert ids(r.tasks) == ["w0"] and r.depth == 2
+    c = room.claim("c", "k", "w0", now=NOW + 3)
+    assert c.admission is not None and c.admission.held
+    assert c.admission.release()  # the lease it claimed is the one it releases
+    assert ids(room.promote("c", "k", 5, now=NOW + 4).tasks) == ["w1"]
+
+
+def test_a_lease_that_expired_on_the_way_is_not_claimed(room: WaitingRoom) -> None:
+    a = room.enter("cw", "k", "a", b"", now=NOW)
+    room.enter("cw", "k", "b", b"", now=NOW)
+    assert a.admission is not None
+    a.admission.release()
+    (t,) = room.promote("cw", "k", 1, now=NOW + 1).tasks
+    assert t.grant.lease_expires_at == NOW + 1 + 10_000
+    assert room.claim("cw", "k", "b", now=NOW + 20_000).status == "expired"
+
+
+def test_budgets_promote_by_window(room: WaitingRoom) -> None:
+    room.enter("b", "k", "a", b"", tokens=600, now=NOW)
+    e = room.enter("b", "k", "b", b"", tokens=600, now=NOW)
+    assert e.status == "parked" and e.binding_axis == "cost" and e.retry_after_ms == 60_000
+    room.enter("b", "k", "c", b"", tokens=300, now=NOW)  # would fit, but waits behind b
+    assert room.promote("b", "k", 5, now=NOW + 59_999).tasks == []
+    r = room.promote("b", "k", 5, now=NOW + 60_000)
+    assert ids(r.tasks) == ["b", "c"] and [t.grant.reserved_tokens for t in r.tasks] == [600, 300]
+    c = room.claim("b", "k", "b", tokens=600, now=NOW + 60_001)
+    assert c.admission is not None
+    s = c.admission.settle(100)
+    assert s.refunded == 500  # type: ignore[union-attr]
+
+
+def test_other_strategies_wait_too(room: WaitingRoom) -> None:
+    got = [room.enter("sw", "k", f"t{i}", b"", now=NOW).status for i in range(4)]
+    assert got == ["admitted", "admitted", "parked", "parked"]
+    assert ids(room.promote("sw", "k", 5, now=NOW + 2000).tasks) == ["t2", "t3"]
+
+
+def test_the_index_of_due_rooms(room: WaitingRoom) -> None:
+    room.enter("r", "k1", "a", b"", now=NOW)
+    room.enter("r", "k1", "b", b"", now=NOW)
+    room.enter("r", "k2", "c", b"", now=NOW)
+    room.enter("r", "k2", "d", b"", now=NOW)
+    now, nxt, due = room.due_rooms(now=NOW + 50)
+    assert due == [] and nxt == NOW + 100
+    now, nxt, due = room.due_rooms(now=NOW + 100, lease_ms=5000)
+    assert sorted(due) == [("r", "k1"), ("r", "k2")]
+    assert room.due_rooms(now=NOW + 200)[2] == []  # leased to the first promoter
+    res = room.promote("r", "k1", 5, now=NOW + 100)
+    room.reschedule("r", "k1", res)  # empty now: out of the index
+    assert [(p, k) for p, k, _ in room.rooms()] == [("r", "k2")]
+    assert room.purge("r", "k2") == 1 and room.rooms() == []
+
+
+def test_bad_input_names_what_is_wrong(room: WaitingRoom) -> None:
+    with pytest.raises(ValueError, match="task id"):
+        room.enter("r", "k", "a:b", b"")
+    with pytest.raises(KeyError, match="nope"):
+        room.enter("nope", "k", "a", b"")
+    with pytest.raises(ValueError, match="tokens"):
+        room.enter("b", "k", "a", b"", tokens=5000)
+
+
+def test_policy_park_option() -> None:
+    p = taskgate.load_policies({"x": {"strategy": "gcra", "limit": 1, "period": "1s"}})["x"]
+    assert p.deferral.park == "auto"
+    with pytest.raises(taskgate.InvalidPolicyError, match=r"deferral.park.*'sometimes'"):
+        taskgate.load_policies(
+            {"x": {"strategy": "gcra", "limit": 1, "period": "1s", "deferral": {"park": "sometimes"}}}
+        )
+
+
+# -- persistence: auto parks only on a store that keeps its data ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def aof_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    require(shutil.which("redis-server") is not None, "redis-server", "apt-get install redis-server")
+    d: Path = tmp_path_factory.mktemp("aof")
+    port = 7191
+    proc = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--appendonly", "yes", "--save", "",
+         "--dir", str(d)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"redis://127.0.0.1:{port}/0"
+    for _ in range(100):
+        try:
+            redis.Redis.from_url(url).ping()
+            break
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    yield url
+    proc.terminate()
+    proc.wait(10)
+
+
+def test_auto_parks_only_where_the_store_persists(aof_redis: str, redis_url: str) -> None:
+    spec = {"p": {"strategy": "gcra", "limit": 1, "period": "1s"}}
+    with taskgate.connect(aof_redis, spec) as b:
+        assert persistence(b) == (True, "appendonly yes")
+        assert parks(b.policy("p"), b)
+    plain = redis.Redis.from_url(redis_url)
+    if plain.config_get("appendonly").get("appendonly") == "no" and not plain.config_get("save").get("save"):
+        with taskgate.connect(redis_url, spec) as b:
+            assert persistence(b)[0] is False
+            assert not parks(b.policy("p"), b)
+    with taskgate.connect("memory://", spec) as b:
+        assert not parks(b.policy("p"), b)
