@@ -46,12 +46,17 @@ def test_first_is_admitted_the_rest_wait_in_order(room: WaitingRoom) -> None:
     assert room.list("r", "k") == ["t1", "t2", "t3", "t4"]
     # nothing due yet: nothing promoted, and the room says when
     r = room.promote("r", "k", 10, now=NOW + 50)
-    assert r.tasks == [] and r.next_due == NOW + 100 and r.depth == 4
+    assert r.tasks == []
+    assert r.next_due == NOW + 100
+    assert r.depth == 4
     # by time, oldest first, one per slot
     r = room.promote("r", "k", 10, now=NOW + 100)
-    assert ids(r.tasks) == ["t1"] and r.tasks[0].payload == b"p1" and r.next_due == NOW + 200
+    assert ids(r.tasks) == ["t1"]
+    assert r.tasks[0].payload == b"p1"
+    assert r.next_due == NOW + 200
     r = room.promote("r", "k", 10, now=NOW + 320)
-    assert ids(r.tasks) == ["t2"] and r.depth == 2
+    assert ids(r.tasks) == ["t2"]
+    assert r.depth == 2
 
 
 def test_arrivals_never_overtake_parked_work(room: WaitingRoom) -> None:
@@ -59,14 +64,17 @@ def test_arrivals_never_overtake_parked_work(room: WaitingRoom) -> None:
     room.enter("r", "k", "b", b"", now=NOW)  # parked behind a
     # long after, the policy would admit a newcomer, but b waits before it
     late = room.enter("r", "k", "c", b"", now=NOW + 5000)
-    assert late.status == "parked" and late.depth == 2
+    assert late.status == "parked"
+    assert late.depth == 2
     assert ids(room.promote("r", "k", 10, now=NOW + 5000).tasks) == ["b"]
 
 
 def test_short_waits_are_returned_not_parked(room: WaitingRoom) -> None:
     room.enter("r", "k", "a", b"", now=NOW)
     e = room.enter("r", "k", "b", b"", park_over_ms=100, now=NOW)
-    assert e.status == "denied" and e.retry_after_ms == 100 and room.depth("r", "k") == 0
+    assert e.status == "denied"
+    assert e.retry_after_ms == 100
+    assert room.depth("r", "k") == 0
     assert room.enter("r", "k", "b", b"", park_over_ms=99, now=NOW).status == "parked"
 
 
@@ -80,14 +88,15 @@ def test_lead_books_slots_ahead(connect: Callable[[Any], taskgate.RedisBackend])
     assert [t.grant.valid_at for t in r.tasks] == [NOW + 100, NOW + 200]
     assert r.next_due == NOW + 300 - 250
     c = room.claim("r", "k", "t2", now=NOW + 50)
-    assert c.status == "claimed" and c.wait_ms == 150
+    assert c.status == "claimed"
+    assert c.wait_ms == 150
 
 
 def test_duplicates_are_recognised(room: WaitingRoom) -> None:
     room.enter("r", "k", "a", b"", now=NOW)
     room.enter("r", "k", "b", b"", now=NOW)
     assert room.enter("r", "k", "b", b"", now=NOW).status == "waiting"  # redelivered while parked
-    (t,) = room.promote("r", "k", 1, now=NOW + 100).tasks
+    (_t,) = room.promote("r", "k", 1, now=NOW + 100).tasks
     assert room.enter("r", "k", "b", b"", now=NOW + 100).status == "waiting"  # while handed off
     assert room.claim("r", "k", "b", now=NOW + 110).status == "claimed"
     assert room.claim("r", "k", "b", now=NOW + 120).status == "duplicate"  # a second copy of the hand-off
@@ -107,12 +116,15 @@ def test_stale_hand_off_goes_out_again_with_the_same_grant(
     assert a.admission is not None
     a.admission.release()
     (t,) = room.promote("c", "k", 5, now=NOW + 20).tasks
-    assert t.task_id == "x" and t.grant.lease
+    assert t.task_id == "x"
+    assert t.grant.lease
     # the promoter dies before sending it: nothing happens until the hand-off deadline...
     assert room.promote("c", "k", 5, now=NOW + 500).tasks == []
     # ...then it is handed out again, with the same grant (its lease still counts against the limit)
     (again,) = room.promote("c", "k", 5, now=NOW + 1100).tasks
-    assert again.task_id == "x" and again.grant == t.grant and again.payload == b"px"
+    assert again.task_id == "x"
+    assert again.grant == t.grant
+    assert again.payload == b"px"
     assert room.claim("c", "k", "x", now=NOW + 1200).status == "claimed"
     assert room.claim("c", "k", "x", now=NOW + 1200).status == "duplicate"
 
@@ -125,9 +137,11 @@ def test_a_freed_slot_goes_to_the_oldest_waiter(room: WaitingRoom) -> None:
     assert a.admission is not None
     a.admission.release()
     r = room.promote("c", "k", 5, now=NOW + 2)
-    assert ids(r.tasks) == ["w0"] and r.depth == 2
+    assert ids(r.tasks) == ["w0"]
+    assert r.depth == 2
     c = room.claim("c", "k", "w0", now=NOW + 3)
-    assert c.admission is not None and c.admission.held
+    assert c.admission is not None
+    assert c.admission.held
     assert c.admission.release()  # the lease it claimed is the one it releases
     assert ids(room.promote("c", "k", 5, now=NOW + 4).tasks) == ["w1"]
 
@@ -145,11 +159,14 @@ def test_a_lease_that_expired_on_the_way_is_not_claimed(room: WaitingRoom) -> No
 def test_budgets_promote_by_window(room: WaitingRoom) -> None:
     room.enter("b", "k", "a", b"", tokens=600, now=NOW)
     e = room.enter("b", "k", "b", b"", tokens=600, now=NOW)
-    assert e.status == "parked" and e.binding_axis == "cost" and e.retry_after_ms == 60_000
+    assert e.status == "parked"
+    assert e.binding_axis == "cost"
+    assert e.retry_after_ms == 60_000
     room.enter("b", "k", "c", b"", tokens=300, now=NOW)  # would fit, but waits behind b
     assert room.promote("b", "k", 5, now=NOW + 59_999).tasks == []
     r = room.promote("b", "k", 5, now=NOW + 60_000)
-    assert ids(r.tasks) == ["b", "c"] and [t.grant.reserved_tokens for t in r.tasks] == [600, 300]
+    assert ids(r.tasks) == ["b", "c"]
+    assert [t.grant.reserved_tokens for t in r.tasks] == [600, 300]
     c = room.claim("b", "k", "b", tokens=600, now=NOW + 60_001)
     assert c.admission is not None
     s = c.admission.settle(100)
@@ -168,14 +185,16 @@ def test_the_index_of_due_rooms(room: WaitingRoom) -> None:
     room.enter("r", "k2", "c", b"", now=NOW)
     room.enter("r", "k2", "d", b"", now=NOW)
     now, nxt, due = room.due_rooms(now=NOW + 50)
-    assert due == [] and nxt == NOW + 100
-    now, nxt, due = room.due_rooms(now=NOW + 100, lease_ms=5000)
+    assert due == []
+    assert nxt == NOW + 100
+    _now, nxt, due = room.due_rooms(now=NOW + 100, lease_ms=5000)
     assert sorted(due) == [("r", "k1"), ("r", "k2")]
     assert room.due_rooms(now=NOW + 200)[2] == []  # leased to the first promoter
     res = room.promote("r", "k1", 5, now=NOW + 100)
     room.reschedule("r", "k1", res)  # empty now: out of the index
     assert [(p, k) for p, k, _ in room.rooms()] == [("r", "k2")]
-    assert room.purge("r", "k2") == 1 and room.rooms() == []
+    assert room.purge("r", "k2") == 1
+    assert room.rooms() == []
 
 
 def test_bad_input_names_what_is_wrong(room: WaitingRoom) -> None:
