@@ -184,7 +184,7 @@ def test_the_index_of_due_rooms(room: WaitingRoom) -> None:
     room.enter("r", "k1", "b", b"", now=NOW)
     room.enter("r", "k2", "c", b"", now=NOW)
     room.enter("r", "k2", "d", b"", now=NOW)
-    now, nxt, due = room.due_rooms(now=NOW + 50)
+    _, nxt, due = room.due_rooms(now=NOW + 50)
     assert due == []
     assert nxt == NOW + 100
     _now, nxt, due = room.due_rooms(now=NOW + 100, lease_ms=5000)
