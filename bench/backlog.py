@@ -7,9 +7,10 @@
     .venv/bin/python bench/backlog.py handoff [--tasks 500] [--limit 3] [--hold 0.2]
     ... --record                                                                 # append to bench/RESULTS.md
 
-Real ``celery worker`` processes on RabbitMQ (``bench/backlog_app.py``), the store on the local Redis (db 9),
-every body start recorded in db 5. Workers start on an empty queue (their idle RSS is read then), then the
-tasks are published as fast as one process can, and the clock starts at the first publish.
+Real ``celery worker`` processes on RabbitMQ (``tests/apps/room_app.py``), the store on the local Redis
+(db 9), every body start recorded in db 5. Workers start on an empty queue and are warmed up (their idle RSS
+is read then), then the tasks are published as fast as one process can; the clock starts at the first
+publish.
 
 - backlog: ``--tasks`` tasks on one key of a gcra ``--rate``/s burst 1 policy. Printed: starts/s from t+30 s
   to the end of ``--duration``, the most starts in any 1-second window (target: <= limit + burst + 1), worker
@@ -54,7 +55,7 @@ STORE_URL = "redis://127.0.0.1:6379/9"
 
 
 class Workers:
-    """``n`` x ``celery worker`` on ``bench/backlog_app.py``, each in its own session (stopped by PID)."""
+    """``n`` x ``celery worker`` on ``tests/apps/room_app.py``, each in its own session (stopped by PID)."""
 
     def __init__(self, env: dict[str, str], n: int, pool: str, concurrency: int, logdir: Path) -> None:
         self.procs: list[subprocess.Popen[bytes]] = []
@@ -64,7 +65,7 @@ class Workers:
             self.logs.append(log)
             self.procs.append(
                 subprocess.Popen(
-                    [sys.executable, "-m", "celery", "-A", "bench.backlog_app", "worker", "-P", pool,
+                    [sys.executable, "-m", "celery", "-A", "tests.apps.room_app", "worker", "-P", pool,
                      "-c", str(concurrency), "-n", f"w{i}-{env['TG_PREFIX']}@%h", "-l", "info",
                      "--without-heartbeat", "--without-mingle", "--without-gossip"],
                     env=env, cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT,
@@ -187,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     os.environ.update({k: v for k, v in env.items() if k.startswith("TG_")})
     sys.path.insert(0, str(ROOT))
-    from bench import backlog_app as appmod
+    from tests.apps import room_app as appmod
 
     rec = redis.Redis.from_url(RECORD_URL)
     store = redis.Redis.from_url(STORE_URL)

@@ -23,6 +23,7 @@ re-checks, so a task parked meanwhile is never forgotten).
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -39,6 +40,7 @@ __all__ = ["Claim", "Entered", "Grant", "Promoted", "WaitingRoom"]
 HANDOFF_MS = 30_000  # a promoted task not claimed by then is handed out again (same grant)
 ROOM_TTL_MS = 7 * 86_400_000  # a room untouched this long expires (nothing waits a week)
 ROOM_LEASE_MS = 5_000  # a promoter owns a due room this long (then another may take it)
+WAIT_BUCKETS_S = (0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0, 3600.0)  # as room.lua's, in seconds
 LEAD_MS = 250  # a plain gcra room is promoted this far ahead of its slots (the worker waits out the rest)
 
 EnterStatus = Literal["admitted", "handed", "denied", "parked", "waiting", "done"]
@@ -268,24 +270,34 @@ class WaitingRoom:
         return [(*split_room(name), int(score)) for name, score in out]
 
     def stats(self, policy: str, key: str) -> RoomStats:
-        ks = keyset(self.backend.prefix, self._policy(policy), key)
-        q, d, h, _, _, m = ks.room()
+        return self.overview([(policy, key)])[0]
+
+    def overview(self, rooms: Sequence[tuple[str, str]] | None = None) -> list[RoomStats]:
+        """The state of ``rooms`` (default: every room in the index), read in one pipeline."""
+        if rooms is None:
+            rooms = [(p, k) for p, k, _ in self.rooms()]
         c = self.backend.client
         pipe = c.pipeline(transaction=False)
-        pipe.zcard(q)
-        pipe.zcard(h)
-        pipe.zrange(q, 0, 0)
-        pipe.hgetall(m)
-        depth, handoff, head, meta = pipe.execute()
-        oldest = 0
-        if head:
-            rec = c.hget(d, head[0])
-            if rec is not None:
-                oldest = int(_b(rec).split(b" ", 3)[2].split(b"\n", 1)[0])
-        counts = {_s(k): int(v) for k, v in (meta or {}).items()}
-        return RoomStats(
-            depth, handoff, oldest, counts.get("np", 0), counts.get("npr", 0), counts.get("ncl", 0)
-        )
+        head = script("room_head")
+        for policy, key in rooms:
+            q, d, h, _, _, m = keyset(self.backend.prefix, self._policy(policy), key).room()
+            pipe.zcard(q)
+            pipe.zcard(h)
+            pipe.hgetall(m)
+            pipe.eval(head.source, 2, q, d)
+        raw = pipe.execute()
+        out = []
+        for i, (policy, key) in enumerate(rooms):
+            depth, handoff, meta, head_at = raw[4 * i : 4 * i + 4]
+            counts = {_s(k): int(v) for k, v in (meta or {}).items()}
+            buckets = [counts.get(f"h{j + 1}", 0) for j in range(len(WAIT_BUCKETS_S) + 1)]
+            out.append(
+                RoomStats(
+                    policy, key, int(depth), int(handoff), int(head_at or 0), counts.get("np", 0),
+                    counts.get("npr", 0), counts.get("ncl", 0), buckets, counts.get("hs", 0),
+                )
+            )  # fmt: skip
+        return out
 
     def list(self, policy: str, key: str, most: int = 100) -> list[str]:
         """The ids of the first ``most`` tasks waiting, oldest first."""
@@ -309,12 +321,16 @@ class PromoteResult:
 
 @dataclass(frozen=True, slots=True)
 class RoomStats:
+    policy: str
+    key: str
     depth: int  # waiting
     handoff: int  # promoted, not yet claimed
     oldest_parked_at: int  # epoch-ms the head was parked (0: empty)
     parked: int  # totals since the room was made
     promoted: int
     claimed: int
+    wait_buckets: list[int]  # claimed tasks per bucket of WAIT_BUCKETS_S (the last: longer)
+    wait_sum_ms: int
 
 
 def _raw(raw: Any) -> Any:

@@ -111,4 +111,4 @@ _EXTRA_FRAGMENTS: dict[str, tuple[str, ...]] = {
 }
 # Waiting-room operations that admit (they embed op admit) and those that need no rate fragment.
 _ROOM_ADMIT_OPS = frozenset({"enter", "promote"})
-_ROOM_PLAIN_OPS = ("rooms_due", "room_purge")
+_ROOM_PLAIN_OPS = ("rooms_due", "room_purge", "room_head")

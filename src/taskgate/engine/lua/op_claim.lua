@@ -13,6 +13,17 @@ if not redis.call('ZSCORE', R.h, id) then
   return { -1, '' }
 end
 local grant = redis.call('HGET', R.g, id) or '|0||0|0'
+local rec = redis.call('HGET', R.d, id)
+if rec then  -- how long it waited, parked to claimed: one more count in its bucket of the wait histogram
+  local _, _, at = room_parse(rec)
+  local wait = math.max(0, now - (at or now))
+  local b = #ROOM_WAIT_BUCKETS_MS + 1
+  for i, le in ipairs(ROOM_WAIT_BUCKETS_MS) do
+    if wait <= le then b = i; break end
+  end
+  redis.call('HINCRBY', R.m, 'h' .. b, 1)
+  redis.call('HINCRBY', R.m, 'hs', wait)
+end
 redis.call('ZREM', R.h, id)
 redis.call('HDEL', R.g, id)
 redis.call('HDEL', R.d, id)

@@ -7,7 +7,8 @@
 --   g  hash        task id -> grant "<lease>|<lease_expires_at>|<reservation id>|<reserved tokens>|<valid_at>"
 --   c  sorted set  task id -> when its grant was claimed (recognises a duplicate message; trimmed by age)
 --   m  hash        seq (arrival counter), np (parked), nsp (of which parked when sent), npr (promoted),
---                  ncl (claimed)
+--                  ncl (claimed); the wait histogram of claimed tasks (parked -> claimed): h1 .. h<n+1>
+--                  counts per bucket of ROOM_WAIT_BUCKETS_MS (the last: longer), hs the sum (ms)
 
 local function room_slice(t, from)
   local out = {}
@@ -23,6 +24,9 @@ end
 local function room_expire(R, ttl)
   for _, k in ipairs({ R.q, R.d, R.h, R.g, R.m }) do tg_pexpire(k, ttl) end
 end
+
+-- Upper bounds of the wait histogram's buckets (ms); keep in step with backends/waiting.py WAIT_BUCKETS_S.
+local ROOM_WAIT_BUCKETS_MS = { 100, 500, 1000, 5000, 10000, 30000, 60000, 300000, 1800000, 3600000 }
 
 -- A claimed id is remembered this long (a duplicate of its message arriving later is recognised).
 local ROOM_CLAIMED_KEEP_MS = 86400000

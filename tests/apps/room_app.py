@@ -1,4 +1,4 @@
-"""The Celery app of ``bench/backlog.py`` (and ``tests/test_waiting_room.py``), configured by environment.
+"""The Celery app of ``tests/test_room_workers.py`` and ``bench/backlog.py``, configured by environment.
 
 TG_BROKER, TG_STORE (taskgate store URL), TG_PREFIX (key prefix), TG_QUEUE (this run's queue), TG_RATE (the
 gcra limit per second), TG_PARK (deferral.park: always|never|auto), TG_CONC (a concurrency limit for
@@ -17,7 +17,7 @@ from celery import Celery
 import taskgate
 import taskgate.celery
 
-PREFIX = os.environ.get("TG_PREFIX", "tgbacklog")
+PREFIX = os.environ.get("TG_PREFIX", "tgroom")
 RECORD = redis.Redis.from_url(os.environ.get("TG_RECORD", "redis://127.0.0.1:6379/5"))
 PARK = os.environ.get("TG_PARK", "always")
 POLICIES: dict[str, Any] = {
@@ -41,7 +41,7 @@ POLICIES: dict[str, Any] = {
     },
 }
 
-app = Celery("tgbacklog", broker=os.environ.get("TG_BROKER", "amqp://guest:guest@127.0.0.1:5672//"))
+app = Celery("tgroom", broker=os.environ.get("TG_BROKER", "amqp://guest:guest@127.0.0.1:5672//"))
 app.conf.update(
     task_default_queue=os.environ.get("TG_QUEUE", "backlog"),
     broker_connection_retry_on_startup=True,
@@ -83,10 +83,3 @@ def free(self: Any, n: int, seconds: float = 0.0) -> int:
     _record("start" if not seconds else "warm", str(self.request.id), "free")
     time.sleep(seconds)
     return n
-
-
-@app.task(shared=False, bind=True)
-def ignored(self: Any, n: int) -> int:
-    from celery.exceptions import Ignore
-
-    raise Ignore()
