@@ -4,6 +4,7 @@ claims, duplicates, stale hand-offs, and the index of due rooms. Decisions take 
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import subprocess
 import time
@@ -252,3 +253,56 @@ def test_auto_parks_only_where_the_store_persists(aof_redis: str, redis_url: str
             assert not parks(b.policy("p"), b)
     with taskgate.connect("memory://", spec) as b:
         assert not parks(b.policy("p"), b)
+
+
+# -- seeing it: top, metrics, the rooms command ----------------------------------------------------------
+
+
+def test_operators_see_the_rooms(redis_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import yaml
+    from prometheus_client import generate_latest
+    from prometheus_client.registry import CollectorRegistry
+    from rich.console import Console
+
+    from taskgate import cli, top
+    from taskgate.metrics import TaskgateCollector
+    from taskgate.stats import read_snapshot
+    from taskgate.waiting_view import read_waiting
+
+    prefix = f"tgops{time.time_ns()}"
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(yaml.safe_dump({"version": 1, "limiters": POLICIES}))
+    b = taskgate.connect(redis_url, str(cfg), prefix=prefix)
+    room = WaitingRoom(b, lead_ms=0)
+    for i in range(4):
+        room.enter("r", "acme", f"t{i}", b"", now=NOW)
+    room.promote("r", "acme", 1, now=NOW + 100)
+    room.claim("r", "acme", "t1", now=NOW + 700)  # waited 0.7 s
+    views = read_waiting(b)
+    (v,) = views
+    assert (v.policy, v.rooms, v.waiting, v.handed_off, v.claimed) == ("r", 1, 2, 0, 1)
+    assert v.oldest_parked_at == NOW
+    assert v.drain_s == pytest.approx(0.2)
+    assert v.wait_buckets[2] == 1  # (0.5 s, 1 s]
+    snap = read_snapshot(b.client, b.policies, prefix)
+    snap = dataclasses.replace(snap, waiting=views)
+    assert type(snap).from_json(snap.to_json()) == snap
+    con = Console(width=200, record=True)
+    con.print(top.render(snap))
+    assert "waiting rooms" in con.export_text()
+    reg = CollectorRegistry()
+    reg.register(TaskgateCollector(lambda: snap))
+    text = generate_latest(reg).decode()
+    assert 'taskgate_waiting{policy="r"} 2.0' in text
+    assert 'taskgate_wait_seconds_bucket{le="1.0",policy="r"} 1.0' in text
+    base = ["--redis", redis_url, "--config", str(cfg), "--prefix", prefix]
+    assert cli.main(["rooms", *base, "list"]) == 0
+    assert "acme" in capsys.readouterr().out
+    assert cli.main(["rooms", *base, "show", "r", "acme"]) == 0
+    assert "2 waiting" in capsys.readouterr().out
+    assert cli.main(["rooms", *base, "purge", "r", "acme"]) == 2  # no terminal, no --yes: refused
+    assert "confirm with --yes" in capsys.readouterr().err
+    assert cli.main(["rooms", *base, "purge", "r", "acme", "--yes"]) == 0
+    assert "removed 2 task(s)" in capsys.readouterr().out
+    assert cli.main(["rooms", *base, "show", "nope", "acme"]) == 2
+    b.close()

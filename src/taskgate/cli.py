@@ -572,6 +572,8 @@ register(
 
 # --- the command itself ------------------------------------------------------------------------------------
 
+import taskgate.cli_rooms  # noqa: E402, F401 - registers `taskgate rooms`
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="taskgate", description="Distributed throttling for task queues.")

@@ -21,6 +21,9 @@ by ``policy``:
 ``taskgate_concurrency_limit``        gauge   the current (adaptive) limit; the ceiling per key for per-key
 ``taskgate_counters_enabled``         gauge   1 unless the policy says ``counters: false``
 ``taskgate_up``                       gauge   1 if the store answered this scrape (no label)
+``taskgate_waiting``                  gauge   tasks waiting in the engine's waiting rooms
+``taskgate_waiting_oldest_seconds``   gauge   how long the oldest of them has waited
+``taskgate_wait_seconds``             histo   wait of the tasks claimed, parked to claimed (``_bucket``, ...)
 ===================================== ======= ==============================================================
 
 Counters restart from 0 when a policy's counters expire (idle for a day) or the store is flushed, which
@@ -30,6 +33,7 @@ number is unbounded; ``taskgate top`` and the Monitor door show the top keys.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -39,6 +43,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from taskgate.stats import Snapshot
+from taskgate.waiting_view import families as waiting_families
 
 __all__ = ["TaskgateCollector", "parse_listen", "serve", "start_exporter"]
 
@@ -67,6 +72,7 @@ class TaskgateCollector(Collector):
         up.add_metric([], 1)
         yield up
         yield from families(snap)
+        yield from waiting_families(snap.waiting, snap.generated_at)
         took = GaugeMetricFamily("taskgate_scrape_seconds", "time spent reading the store for this scrape")
         took.add_metric([], time.perf_counter() - t0)
         yield took
@@ -150,6 +156,7 @@ def start_exporter(url: str, policies: Any, prefix: str, listen: str) -> tuple[A
     from taskgate.backends import connect
     from taskgate.backends.redis import RedisBackend
     from taskgate.stats import read_snapshot
+    from taskgate.waiting_view import read_waiting
 
     backend = connect(url, policies, prefix=prefix)
     if not isinstance(backend, RedisBackend):
@@ -158,6 +165,7 @@ def start_exporter(url: str, policies: Any, prefix: str, listen: str) -> tuple[A
         )
 
     def read() -> Snapshot:
-        return read_snapshot(backend.client, backend.policies, backend.prefix)
+        snap = read_snapshot(backend.client, backend.policies, backend.prefix)
+        return dataclasses.replace(snap, waiting=read_waiting(backend))
 
     return serve(TaskgateCollector(read), listen)

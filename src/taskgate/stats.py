@@ -30,6 +30,7 @@ from taskgate.engine.keys import (
     unescape,
 )
 from taskgate.policy import Policies, Policy
+from taskgate.waiting_view import WaitingView
 
 __all__ = [
     "BudgetView",
@@ -177,6 +178,7 @@ class Snapshot:
     rate_s: int
     prefix: str
     policies: tuple[PolicyView, ...] = ()
+    waiting: tuple[WaitingView, ...] = ()  # the waiting rooms (direct doors only: see waiting_view.py)
 
     def policy(self, name: str) -> PolicyView:
         for p in self.policies:
@@ -196,6 +198,7 @@ class Snapshot:
             rate_s=d["rate_s"],
             prefix=d["prefix"],
             policies=tuple(_policy_from(p) for p in d["policies"]),
+            waiting=tuple(WaitingView(**w) for w in d.get("waiting", ())),
         )
 
 

@@ -15,6 +15,7 @@ key's token budget as a bar. The view refreshes in place until Ctrl-C.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import time
 from collections.abc import Callable
@@ -56,9 +57,11 @@ class RedisSource:
 
     def snapshot(self) -> Snapshot:
         from taskgate.stats import read_snapshot
+        from taskgate.waiting_view import read_waiting
 
         b = self._b
-        return read_snapshot(b.client, b.policies, b.prefix, rate_s=self.rate_s, top=self.top)
+        snap = read_snapshot(b.client, b.policies, b.prefix, rate_s=self.rate_s, top=self.top)
+        return dataclasses.replace(snap, waiting=read_waiting(b))
 
     def close(self) -> None:
         self._b.client.close()
@@ -278,6 +281,22 @@ def _key_cells(k: KeyView, now: int, unicode: bool) -> list[RenderableType]:
     ]
 
 
+def _waiting(snap: Snapshot) -> Table:
+    """Per policy: tasks waiting in the engine, promoted on their way, the oldest wait, the time to drain
+    them at the policy's rate, and the mean wait of the tasks claimed so far."""
+    t = _table("waiting rooms")
+    for col in ("policy", "keys", "waiting", "on the way", "oldest wait", "drain in", "mean wait"):
+        t.add_column(col, justify="left" if col == "policy" else "right")
+    for w in snap.waiting:
+        oldest = (snap.generated_at - w.oldest_parked_at) / 1000 if w.oldest_parked_at else 0.0
+        mean = w.wait_sum_ms / w.claimed / 1000 if w.claimed else 0.0
+        t.add_row(
+            w.policy, str(w.rooms), str(w.waiting), str(w.handed_off), f"{oldest:.1f}s",
+            "-" if w.drain_s is None else f"{w.drain_s:.0f}s", f"{mean:.1f}s",
+        )  # fmt: skip
+    return t
+
+
 def render(snap: Snapshot, source: str = "", *, unicode: bool = True) -> RenderableType:
     """The whole view of one snapshot."""
     at = dt.datetime.fromtimestamp(snap.generated_at / 1000, dt.timezone.utc).strftime("%H:%M:%S UTC")
@@ -286,6 +305,8 @@ def render(snap: Snapshot, source: str = "", *, unicode: bool = True) -> Rendera
         f"  {source}  {at}  rates over the last {snap.rate_s}s, top keys over the last minute or two",
     )
     parts: list[RenderableType] = [head, _policies(snap), _totals(snap)]
+    if snap.waiting:
+        parts.append(_waiting(snap))
     parts += [_keys(p, snap.generated_at, unicode) for p in snap.policies if p.keys]
     return Group(*parts)
 
