@@ -273,6 +273,7 @@ def test_operators_see_the_rooms(redis_url: str, tmp_path: Path, capsys: pytest.
     cfg = tmp_path / "p.yaml"
     cfg.write_text(yaml.safe_dump({"version": 1, "limiters": POLICIES}))
     b = taskgate.connect(redis_url, str(cfg), prefix=prefix)
+    assert isinstance(b, taskgate.RedisBackend)
     room = WaitingRoom(b, lead_ms=0)
     for i in range(4):
         room.enter("r", "acme", f"t{i}", b"", now=NOW)
