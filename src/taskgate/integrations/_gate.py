@@ -24,6 +24,7 @@ from typing import Any
 from taskgate.admission import Admission, _current, usage_tokens
 from taskgate.errors import BackendUnavailableError
 from taskgate.integrations.options import ThrottleOptions
+from taskgate.policy import DeferralSpec
 from taskgate.types import Decision, Settlement
 
 __all__ = ["AdmissionGroup", "Admitted", "Deferred", "DeferralState", "Gate"]
@@ -117,6 +118,7 @@ class Deferred:
     policy: str
     axis: str
     decision: Decision | None
+    deferral: DeferralSpec  # the deferral defaults of ``policy`` (max_deferrals, on_exhausted)
     reason: str = "throttled"  # or "unavailable"
 
 
@@ -232,7 +234,7 @@ class Gate:
                     bookings[p.name] = d.booking_token
                 jitter = 0 if d.booked else random.randint(0, p.deferral.jitter_ms)
                 nxt = DeferralState(state.deferrals, bookings, 0)
-                return Deferred(d.retry_after_ms + jitter, nxt, p.name, axis, d)
+                return Deferred(d.retry_after_ms + jitter, nxt, p.name, axis, d, p.deferral)
         except BackendUnavailableError as e:
             _undo(held)
             if all(p.fail == "open" for p in ordered):
@@ -247,7 +249,9 @@ class Gate:
                 wait / 1000,
             )
             nxt = DeferralState(state.deferrals, bookings, state.outages + 1)
-            return Deferred(wait, nxt, current.name, "unavailable", None, reason="unavailable")
+            return Deferred(
+                wait, nxt, current.name, "unavailable", None, current.deferral, reason="unavailable"
+            )
         return Admitted(AdmissionGroup(held))
 
 
