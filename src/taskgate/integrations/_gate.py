@@ -25,7 +25,7 @@ from taskgate.admission import Admission, _current, usage_tokens
 from taskgate.backends.waiting import WaitingRoom
 from taskgate.errors import BackendUnavailableError
 from taskgate.integrations.options import ThrottleOptions
-from taskgate.policy import Policy
+from taskgate.policy import DeferralSpec, Policy
 from taskgate.types import Decision, Settlement
 
 __all__ = ["AdmissionGroup", "Admitted", "DeferralState", "Deferred", "Gate", "Parked"]
@@ -128,6 +128,7 @@ class Deferred:
     policy: str
     axis: str
     decision: Decision | None
+    deferral: DeferralSpec  # the deferral defaults of ``policy`` (max_deferrals, on_exhausted)
     reason: str = "throttled"  # or "unavailable"
 
 
@@ -254,7 +255,7 @@ class Gate:
                     bookings[p.name] = d.booking_token
                 jitter = 0 if d.booked else random.randint(0, p.deferral.jitter_ms)
                 nxt = DeferralState(state.deferrals, bookings, 0)
-                return Deferred(d.retry_after_ms + jitter, nxt, p.name, axis, d)
+                return Deferred(d.retry_after_ms + jitter, nxt, p.name, axis, d, p.deferral)
         except BackendUnavailableError as e:
             _undo(held)
             return self._outage(e, opts, ordered, current, state, bookings)
@@ -282,7 +283,7 @@ class Gate:
             wait / 1000,
         )
         nxt = DeferralState(state.deferrals, bookings, state.outages + 1)
-        return Deferred(wait, nxt, current.name, "unavailable", None, reason="unavailable")
+        return Deferred(wait, nxt, current.name, "unavailable", None, current.deferral, reason="unavailable")
 
     def enter_room(
         self,
