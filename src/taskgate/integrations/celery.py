@@ -439,7 +439,10 @@ def _through_room(
     headers = dict(req.headers or {})
     headers[HEADER] = nxt.as_dict()
     sig = task.signature_from_request(req, queue=_queue_of(task), retries=req.retries, headers=headers)
-    out = rt.gate.enter_room(rt.room(), opts, args, kwargs, state, str(req.id), _payload(task, sig))
+    again = bool((req.delivery_info or {}).get("redelivered")) and bool(task.acks_late)
+    out = rt.gate.enter_room(
+        rt.room(), opts, args, kwargs, state, str(req.id), _payload(task, sig), redelivered=again
+    )
     if isinstance(out, Deferred):  # the store is down (fail: closed)
         _defer(task, rt, out, state.deferrals)
     if isinstance(out, Parked):
