@@ -439,7 +439,7 @@ def test_eager_waits_and_asks_again(eager: Env, republished: list[dict[str, Any]
 
 def test_eager_on_exhausted_fail_names_the_policy(eager: Env, monkeypatch: pytest.MonkeyPatch) -> None:
     sleeps: list[float] = []
-    monkeypatch.setattr("taskgate.celery.time.sleep", sleeps.append)
+    monkeypatch.setattr("taskgate.integrations.celery.time.sleep", sleeps.append)
 
     @eager.task(name="unit.fail3", throttle="hourly", max_deferrals=3, on_exhausted="fail")
     def f(x: int) -> int:
@@ -483,7 +483,7 @@ def test_exhaustion_defaults_precedence(monkeypatch: pytest.MonkeyPatch) -> None
         return x
 
     sleeps: list[float] = []
-    monkeypatch.setattr("taskgate.celery.time.sleep", sleeps.append)
+    monkeypatch.setattr("taskgate.integrations.celery.time.sleep", sleeps.append)
     assert f.delay(1).get() == 1
     with pytest.raises(ThrottledError):
         f.delay(2)
@@ -961,7 +961,7 @@ def test_outages_do_not_use_up_max_deferrals(eager: Env, monkeypatch: pytest.Mon
     """Waits for the store (fail: closed) are not throttle deferrals: a task with max_deferrals=1 that waited
     out 3 outages still gets its one throttle deferral."""
     sleeps: list[float] = []
-    monkeypatch.setattr("taskgate.celery.time.sleep", sleeps.append)
+    monkeypatch.setattr("taskgate.integrations.celery.time.sleep", sleeps.append)
     monkeypatch.setattr(_gate, "OUTAGE_BACKOFF_MS", (1,))
 
     @eager.task(throttle="hourly", max_deferrals=1)

@@ -28,6 +28,8 @@ from rq.scheduler import RQScheduler
 import taskgate
 import taskgate.rq
 from taskgate.integrations._gate import AdmissionGroup
+from taskgate.integrations.rq import horse as tghorse
+from taskgate.integrations.rq import worker as tgworker
 from tests.apps import rq_jobs as jobs
 
 
@@ -75,7 +77,7 @@ class Env:
 @pytest.fixture(autouse=True)
 def _no_configured_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     """Workers made here take their store from the test, not from an earlier taskgate.rq.configure()."""
-    monkeypatch.setattr(taskgate.rq, "_defaults", {"backend": None, "policies": None, "settings": {}})
+    monkeypatch.setattr(tgworker, "_defaults", {"backend": None, "policies": None, "settings": {}})
 
 
 @pytest.fixture
@@ -517,7 +519,7 @@ def test_throttled_job_on_a_plain_worker_warns(
     env: Env, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The job class alone does not throttle: a plain RQ worker runs the job unthrottled, and says so."""
-    monkeypatch.setattr(taskgate.rq, "_warned", False)
+    monkeypatch.setattr(tghorse, "_warned", False)
     job = env.q.enqueue(jobs.paced2, 1)
     w = rq.SimpleWorker([env.q], connection=env.conn, job_class=taskgate.rq.Job)
     with caplog.at_level("WARNING", logger="taskgate"):

@@ -232,6 +232,20 @@ class Admission(_AdmissionState):
             self._pump = pump
             pump.register(self)
 
+    def hand_over(self) -> None:
+        """The holder is done, and someone else releases the lease (an RQ horse hands it to its worker):
+        charge an unsettled estimate as :meth:`release` would and stop renewing the lease, without telling
+        the store that the slot is free. A failed charge raises after the lease stopped being renewed."""
+        try:
+            extra = self._unsettled_on_release()
+            if extra:
+                self.settle(extra)
+        finally:
+            if self.held:
+                self.released = True
+                if self._pump is not None:
+                    self._pump.unregister(self)
+
     def __enter__(self) -> Admission:
         self._token = _current.set(self)
         return self

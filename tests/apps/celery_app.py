@@ -16,6 +16,7 @@ from celery import Celery
 
 import taskgate
 import taskgate.celery
+from tests.fleet import GrantLog
 
 BROKER = os.environ.get("TG_BROKER", "memory://")
 STORE = os.environ.get("TG_STORE", "memory://")
@@ -44,7 +45,7 @@ app.conf.update(
 )
 taskgate.celery.install(
     app,
-    taskgate.connect(STORE, POLICIES, prefix=PREFIX),
+    GrantLog(taskgate.connect(STORE, POLICIES, prefix=PREFIX), RECORD, PREFIX),  # <prefix>:grant
     short_wait_ms=int(os.environ.get("TG_SHORT_WAIT_MS", "250")),
 )
 

@@ -3,7 +3,9 @@
 
 TG_STORE (the taskgate store URL), TG_PREFIX (key prefix of this run, for the store and the records),
 TG_SHORT_WAIT_MS / TG_BOOKED_WAIT_MS (worker settings). Executions are recorded in the job's own RQ Redis
-(``<prefix>:<kind>`` lists of ``ident|time|pid|extra``), so the in-process tests record into fakeredis.
+(``<prefix>:<kind>`` lists of ``ident|time|pid|extra``), so the in-process tests record into fakeredis. With
+TG_STORE set, the rate slots the engine hands out are recorded in the store's Redis (``<prefix>:grant``, see
+:class:`tests.fleet.GrantLog`).
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ import random
 import time
 from typing import Any
 
+import redis
 from rq import get_current_job
 
 import taskgate
 import taskgate.rq
 from taskgate.integrations._gate import Deferred
+from tests.fleet import GrantLog
 
 STORE = os.environ.get("TG_STORE", "memory://")
 PREFIX = os.environ.get("TG_PREFIX", "tgrq")
@@ -39,8 +43,8 @@ POLICIES: dict[str, Any] = {
 }
 
 if os.environ.get("TG_STORE"):
-    taskgate.rq.configure(
-        taskgate.connect(STORE, POLICIES, prefix=PREFIX),
+    taskgate.rq.configure(  # the grants go to the store's Redis (<prefix>:grant)
+        GrantLog(taskgate.connect(STORE, POLICIES, prefix=PREFIX), redis.Redis.from_url(STORE), PREFIX),
         short_wait_ms=int(os.environ.get("TG_SHORT_WAIT_MS", "250")),
         booked_wait_ms=int(os.environ.get("TG_BOOKED_WAIT_MS", "1000")),
     )

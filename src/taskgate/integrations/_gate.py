@@ -25,7 +25,7 @@ from taskgate.admission import Admission, _current, usage_tokens
 from taskgate.backends.waiting import WaitingRoom
 from taskgate.errors import BackendUnavailableError
 from taskgate.integrations.options import ThrottleOptions
-from taskgate.policy import Policy
+from taskgate.policy import DeferralSpec, Policy
 from taskgate.types import Decision, Settlement
 
 __all__ = ["AdmissionGroup", "Admitted", "DeferralState", "Deferred", "Gate", "Parked"]
@@ -128,6 +128,7 @@ class Deferred:
     policy: str
     axis: str
     decision: Decision | None
+    deferral: DeferralSpec  # the deferral defaults of ``policy`` (max_deferrals, on_exhausted)
     reason: str = "throttled"  # or "unavailable"
 
 
@@ -254,7 +255,7 @@ class Gate:
                     bookings[p.name] = d.booking_token
                 jitter = 0 if d.booked else random.randint(0, p.deferral.jitter_ms)
                 nxt = DeferralState(state.deferrals, bookings, 0)
-                return Deferred(d.retry_after_ms + jitter, nxt, p.name, axis, d)
+                return Deferred(d.retry_after_ms + jitter, nxt, p.name, axis, d, p.deferral)
         except BackendUnavailableError as e:
             _undo(held)
             return self._outage(e, opts, ordered, current, state, bookings)
@@ -282,7 +283,7 @@ class Gate:
             wait / 1000,
         )
         nxt = DeferralState(state.deferrals, bookings, state.outages + 1)
-        return Deferred(wait, nxt, current.name, "unavailable", None, reason="unavailable")
+        return Deferred(wait, nxt, current.name, "unavailable", None, current.deferral, reason="unavailable")
 
     def enter_room(
         self,
@@ -293,11 +294,15 @@ class Gate:
         state: DeferralState,
         task_id: str,
         payload: bytes,
+        *,
+        redelivered: bool = False,
     ) -> Admitted | Parked | Deferred:
         """Like :meth:`enter`, with the engine's waiting room: a task that may not run now (after at most
         ``short_wait_ms`` in place) is parked, atomically with its decision, and comes back admitted. A
         message promoted from a room claims its grant there instead of paying again. An original message
-        is recognised if its task already waits or ran (a redelivery after a crash between park and ack)."""
+        is recognised if its task already waits or ran (a redelivery after a crash between park and ack).
+        ``redelivered``: the broker gives this message again after its worker died running it (acks_late):
+        its grant was claimed by that run, so it is admitted afresh, like any task, instead of dropped."""
         key = opts.key_for(args, kwargs)
         cost = opts.units_for("cost", args, kwargs)
         tokens = opts.units_for("tokens", args, kwargs)
@@ -317,7 +322,7 @@ class Gate:
                         if c.wait_ms > 0:  # a rate slot booked ahead by the promoter: start at the slot
                             self.sleep(c.wait_ms / 1000.0)
                         continue
-                    if c.status == "duplicate":
+                    if c.status == "duplicate" and not redelivered:
                         _undo(held)
                         self.stats.note("duplicate")
                         return Parked(p.name, 0, "", duplicate=True)
@@ -327,7 +332,7 @@ class Gate:
                     left = int((deadline - time.monotonic()) * 1000)
                     e = room.enter(
                         p.name, key, task_id, payload, *units, park_over_ms=max(left, -1),
-                        dedupe=not state.promoted,
+                        dedupe=not (state.promoted or redelivered),
                     )  # fmt: skip
                     if e.status != "denied":
                         break

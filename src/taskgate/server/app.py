@@ -28,6 +28,7 @@ from taskgate.server.auth import SecretInterceptor
 from taskgate.server.config import ConfigError, ServeConfig, read_secret, split_listen
 from taskgate.server.hooks import BUILTIN_SERVICE_MODULES, ServiceContext, registrars
 from taskgate.server.service import RateLimiterService
+from taskgate.server.workers import supervise
 
 __all__ = ["Built", "build_server", "run", "serve_async"]
 
@@ -152,9 +153,7 @@ def run(cfg: ServeConfig) -> int:
         cfg.validate()
         load_policies(cfg.policies)  # fail here, once, with the policy's own message
         if cfg.workers > 1:
-            from taskgate.server.workers import supervise
-
-            return supervise(cfg)
+            return supervise(serve_async, cfg)
         asyncio.run(serve_async(cfg))
     except (ConfigError, InvalidPolicyError) as e:
         print(f"taskgate serve: error: {e}", file=sys.stderr, flush=True)

@@ -2,7 +2,8 @@
 connections), under a parent that starts them, restarts one that dies, and forwards SIGTERM/SIGINT.
 
 The servers are stateless (all state lives in the store), so any worker can serve any call. The parent exits
-0 once every worker has shut down cleanly.
+0 once every worker has shut down cleanly. What each worker runs is given to :func:`supervise` (the app's
+``serve_async``), so this module does not import the app that starts it.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Coroutine
 from dataclasses import replace
 from types import FrameType
-from typing import Any
+from typing import Any, Protocol
 
 from taskgate.server.config import ConfigError, ServeConfig, split_listen
 
@@ -40,9 +42,16 @@ def _watch_parent(parent: int) -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _child(cfg: ServeConfig, ready: Any, parent: int) -> None:
-    from taskgate.server.app import serve_async
+class Serve(Protocol):
+    """What one worker process runs: ``serve_async(cfg, ready=...)`` of :mod:`taskgate.server.app` (a
+    module-level function: it reaches the spawned process by reference)."""
 
+    def __call__(
+        self, cfg: ServeConfig, *, ready: Callable[[str], None] | None = None
+    ) -> Coroutine[Any, Any, None]: ...
+
+
+def _child(serve: Serve, cfg: ServeConfig, ready: Any, parent: int) -> None:
     threading.Thread(target=_watch_parent, args=(parent,), name="taskgate-parent-watch", daemon=True).start()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -51,7 +60,7 @@ def _child(cfg: ServeConfig, ready: Any, parent: int) -> None:
         ready.set()
 
     try:
-        asyncio.run(serve_async(cfg, ready=on_ready))
+        asyncio.run(serve(cfg, ready=on_ready))
     except ConfigError as e:
         print(f"taskgate serve: worker {os.getpid()}: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
@@ -73,7 +82,8 @@ def _reserve_port(cfg: ServeConfig) -> tuple[ServeConfig, socket.socket | None]:
 
 
 class _Supervisor:
-    def __init__(self, cfg: ServeConfig) -> None:
+    def __init__(self, serve: Serve, cfg: ServeConfig) -> None:
+        self.serve = serve
         self.cfg, self.placeholder = _reserve_port(cfg)
         self.child_cfg = replace(self.cfg, workers=1, reuse_port=True)
         self.mp = multiprocessing.get_context("spawn")
@@ -86,7 +96,7 @@ class _Supervisor:
     def start(self) -> tuple[Any, Any]:
         ev = self.mp.Event()
         p = self.mp.Process(
-            target=_child, args=(self.child_cfg, ev, os.getpid()), name="taskgate-serve-worker"
+            target=_child, args=(self.serve, self.child_cfg, ev, os.getpid()), name="taskgate-serve-worker"
         )
         p.start()
         return p, ev
@@ -164,8 +174,9 @@ class _Supervisor:
         return 0 if clean and not self.failed else 1
 
 
-def supervise(cfg: ServeConfig) -> int:
-    """Run ``cfg.workers`` server processes on one port until SIGTERM/SIGINT; the exit status."""
+def supervise(serve: Serve, cfg: ServeConfig) -> int:
+    """Run ``cfg.workers`` server processes on one port, each running ``serve``, until SIGTERM/SIGINT; the
+    exit status."""
     if cfg.workers < 2:
         raise ConfigError("supervise() is for --workers >= 2")
-    return _Supervisor(cfg).run()
+    return _Supervisor(serve, cfg).run()
