@@ -121,7 +121,7 @@ def test_anthropic_headers_tightest_token_quota() -> None:
     )
     assert r.requests == Quota(50, 0, 12_000, MINUTE_MS)
     assert r.tokens == Quota(40_000, 1000, 5500, MINUTE_MS)
-    assert r.hold_ms == 12_000  # requests exhausted until their reset
+    assert r.hold_ms == 1200  # requests exhausted: one interval (60 s / 50), not until the full reset
 
 
 @pytest.mark.parametrize(

@@ -41,6 +41,8 @@ __all__ = [
     "MAX_QUOTA",
     "ProviderReport",
     "Quota",
+    "Reported",
+    "as_report",
     "is_rate_limit_error",
     "parse",
 ]
@@ -94,10 +96,33 @@ class ProviderReport:
             waits.append(self.retry_after_ms)
         for q in (self.requests, self.tokens):
             if q is not None and q.remaining == 0 and q.reset_ms is not None:
-                waits.append(q.reset_ms)
+                # a reset is when the quota is *full* again; with a known limit per window the next unit
+                # comes one interval after empty (token-bucket providers), so no longer than that
+                interval = -(-q.window_ms // q.limit) if q.limit and q.window_ms else q.reset_ms
+                waits.append(min(q.reset_ms, interval))
         if waits:
             return max(waits)
         return 1000 if self.rate_limited else 0
+
+
+@dataclass(frozen=True, slots=True)
+class Reported:
+    """What the engine made of a report, for the whole fleet. ``hold_until`` (epoch-ms, 0: no hold) and
+    ``retry_after_ms`` (from the engine's clock) say when the key reopens; ``capped``: the provider asked
+    for a longer hold than the policy's ``provider.maxHold``; ``concurrency_limit`` the (adaptive) limit
+    now (0: no concurrency axis); ``provider_limit`` and ``pacing_interval_ms`` the pacing the key follows
+    (0: none reported); ``budgets_lowered`` how many token budgets were lowered to the reported remaining;
+    ``rate_limited`` the 429s reported on this key so far."""
+
+    report: ProviderReport
+    hold_until: int
+    retry_after_ms: int
+    capped: bool
+    concurrency_limit: int
+    provider_limit: int
+    pacing_interval_ms: float
+    budgets_lowered: int
+    rate_limited: int
 
 
 def _debug(what: str, value: object) -> None:
@@ -425,3 +450,19 @@ def parse(
         requests=requests,
         tokens=tokens,
     )
+
+
+def as_report(
+    source: object = None, *, status: int | None = None, retry_after: float | dt.timedelta | None = None
+) -> ProviderReport:
+    """``source`` if it already is a :class:`ProviderReport` (with no other argument), else :func:`parse`."""
+    if isinstance(source, ProviderReport):
+        if status is not None or retry_after is not None:
+            raise ValueError("report(): give a ProviderReport alone, or headers/an exception with status=...")
+        return source
+    if source is None and status is None and retry_after is None:
+        raise ValueError(
+            "report() needs something the provider said: headers, a response or exception, or status=429 "
+            "(and retry_after=seconds)"
+        )
+    return parse(source, status=status, retry_after=retry_after)

@@ -96,7 +96,9 @@ def script(op: str, strategy: str | None = None, stats: StatsMode = "off", stats
 
 # Fragments beyond common + rate that an operation needs.
 _EXTRA_FRAGMENTS: dict[str, tuple[str, ...]] = {
-    "admit": ("conc.lua", "budget.lua"),
+    "check": ("provider.lua",),
+    "admit": ("conc.lua", "budget.lua", "provider.lua"),
+    "report": ("conc.lua", "budget.lua"),
     "release": ("conc.lua",),
     "heartbeat": ("conc.lua",),
     "debit": ("budget.lua",),

@@ -1,0 +1,73 @@
+-- op report: what the provider said about (policy, key), applied fleet-wide in one atomic call.
+-- KEYS  [1] provider hash (provider.lua)  [2] lease meta (concurrency; any key of the slot when none)
+--       [3 .. 2+nb] budgets
+-- ARGV  [1] now (0 = TIME)  [2] hold ms (0: none)  [3] longest hold ms (the policy's provider.maxHold)
+--       [4] rate limited (a 429) 1|0  [5] requests limit (-1 unknown)  [6] requests remaining (-1 unknown)
+--       [7] requests window ms (-1 unknown)  [8] tokens remaining (-1 unknown)
+--       [9] concurrency min  [10] concurrency max (0 0: no concurrency axis)  [11] nb
+--       [12 .. 11+2nb] budget, window ms (pairs)
+-- Effects: the hold is extended to now + min(hold, longest) (never shortened); the pacing takes the reported
+-- limit per window (iv = window / limit, burst = limit) and its remaining is lowered to the reported one
+-- (never raised: calls in flight are not in the provider's count yet); a 429 with a known pacing and no
+-- remaining counts as remaining 0; each budget's remaining in its current window is lowered to the reported
+-- tokens remaining; a 429 shrinks an adaptive concurrency limit (x0.75, as a dropped release does).
+-- Reply {hold_until (0 none), now, concurrency limit (0 none), pacing burst (0 none), pacing interval us,
+--        budgets lowered, 429s reported on this key}
+local now = tg_now(ARGV[1])
+local hold, longest, limited = tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4] == '1'
+local rlimit, rrem, rwin, trem = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+local minl, maxl, nb = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11])
+local K = KEYS[1]
+local h = redis.call('HMGET', K, 'u', 'iv', 'cap', 'tat')
+local u = tonumber(h[1]) or 0
+local ttl = 0
+if hold > 0 then
+  if hold > longest then hold = longest end
+  if now + hold > u then
+    u = now + hold
+    redis.call('HSET', K, 'u', u)
+  end
+end
+if u > now then ttl = u - now end
+local iv, cap, tat = tonumber(h[2]), tonumber(h[3]), tonumber(h[4])
+if rlimit > 0 and rwin > 0 then
+  iv, cap = rwin / rlimit, rlimit
+  redis.call('HSET', K, 'iv', string.format('%.17g', iv), 'cap', cap)
+end
+if iv ~= nil then
+  if rrem < 0 and limited then rrem = 0 end
+  if rrem >= 0 then
+    if rrem > cap then rrem = cap end
+    local want = now + (cap - rrem) * iv
+    if tat == nil or want > tat then
+      redis.call('HSET', K, 'tat', string.format('%.17g', want))
+    end
+  end
+  -- the pacing outlives the last report by ten of its windows (a quiet key forgets it)
+  local span = 10 * iv * cap
+  if span > ttl then ttl = span end
+end
+local n = 0
+if limited then n = redis.call('HINCRBY', K, 'n', 1) else n = tonumber(redis.call('HGET', K, 'n')) or 0 end
+if ttl > 0 or limited then conc_touch(K, math.max(ttl, 60000)) end
+local lowered = 0
+if trem >= 0 and nb > 0 then
+  local B = budgets_load(KEYS, 3, ARGV, 12, nb, now)
+  for i = 1, nb do
+    local b = B[i]
+    if b.budget - b.c > trem then
+      budget_write(b.key, now, b.start, b.window, b.budget - trem)
+      lowered = lowered + 1
+    end
+  end
+end
+local lim = 0
+if maxl > 0 then
+  lim = conc_limit(KEYS[2], minl, maxl)
+  if limited and minl < maxl then lim = conc_adapt(KEYS[2], minl, maxl, true) end
+  lim = math.floor(lim)
+end
+local ivus = 0
+if iv ~= nil then ivus = math.floor(iv * 1000 + 0.5) end
+if u <= now then u = 0 end
+return { u, now, lim, cap or 0, ivus, lowered, n }
