@@ -29,6 +29,7 @@ How it works (see ``shared/research/integration-mechanics.md`` for the experimen
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -46,7 +47,14 @@ except ImportError as e:  # pragma: no cover - depends on the install
     raise ImportError(f"taskgate.celery needs Celery: pip install 'taskgate[celery]' ({e})") from e
 
 from taskgate.errors import ThrottledError
-from taskgate.integrations._gate import AdmissionGroup, Admitted, DeferralState, Deferred, Gate
+from taskgate.integrations._gate import (
+    AdmissionGroup,
+    Admitted,
+    DeferralState,
+    Deferred,
+    Gate,
+    ProviderDeferred,
+)
 from taskgate.integrations.options import OPTION_NAMES, ThrottleOptions, check_option_names, parse_options
 from taskgate.policy import PolicySource
 
@@ -286,16 +294,21 @@ def throttled_call(
         if req.is_eager:  # no re-publish in eager mode: wait and ask again
             _signal_throttled(task, out, out.countdown_ms / 1000.0, deferrals)
             time.sleep(out.countdown_ms / 1000.0)
-            state = DeferralState(deferrals, out.state.bookings, out.state.outages)
+            state = dataclasses.replace(out.state, deferrals=deferrals)
             continue
         _defer(task, rt, out, deferrals)
-    with out.group:
-        task_admitted.send(sender=task, task_id=req.id, policies=opts.policies, deferrals=state.deferrals)
-        try:
-            return call(task, *args, **kwargs)
-        except _CLEAN_EXC:
-            out.group.release(dropped=False)
-            raise
+    try:
+        with out.group:
+            task_admitted.send(sender=task, task_id=req.id, policies=opts.policies, deferrals=state.deferrals)
+            try:
+                return call(task, *args, **kwargs)
+            except _CLEAN_EXC:
+                out.group.release(dropped=False)
+                raise
+    except ProviderDeferred as pd:  # the provider said 429: re-queued until its hold ends, not failed
+        if req.is_eager:
+            raise pd.__cause__ or pd from None
+        _defer(task, rt, pd.deferred, state.deferrals)
 
 
 def _max_deferrals(rt: _Runtime, opts: ThrottleOptions, out: Deferred) -> int:
@@ -315,7 +328,7 @@ def _on_exhausted(rt: _Runtime, opts: ThrottleOptions, out: Deferred) -> str:
 def _defer(task: Task, rt: _Runtime, out: Deferred, deferrals: int) -> None:
     req = task.request
     countdown = min(out.countdown_ms / 1000.0, rt.max_countdown_s())
-    state = DeferralState(deferrals, out.state.bookings, out.state.outages)
+    state = dataclasses.replace(out.state, deferrals=deferrals)
     headers = dict(req.headers or {})
     headers[HEADER] = state.as_dict()
     sig = task.signature_from_request(req, retries=req.retries, countdown=countdown, headers=headers)

@@ -9,6 +9,14 @@ Order of policies: those served by ``admit`` (concurrency / budgets, releasable)
 policies last; if a later one denies, the earlier admissions are undone (slots released, reservations
 refunded). So all must admit, and a denial holds nothing. Short waits (<= ``short_wait_ms``) are waited out
 in place instead of a re-queue round trip.
+
+The provider (``taskgate.provider``): inside the task, ``taskgate.current().report(...)`` tells the engine
+what the provider said, for every policy of the task (or one, ``policy=``). When the body raises after a 429
+was reported, or raises an SDK rate-limit error (``openai.RateLimitError``, ``anthropic.RateLimitError``:
+reported here without user code), :meth:`AdmissionGroup.__exit__` raises :class:`ProviderDeferred` instead:
+the integration re-queues the task through its deferral path, until the hold ends, without using up its
+retries nor ``max_deferrals``. Past the policy's ``provider.maxDeferrals`` such deferrals of one task, it
+fails with :class:`~taskgate.errors.ThrottledError` naming them.
 """
 
 from __future__ import annotations
@@ -22,11 +30,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from taskgate.admission import Admission, _current, usage_tokens
-from taskgate.errors import BackendUnavailableError
+from taskgate.errors import BackendUnavailableError, TaskgateError, ThrottledError
 from taskgate.integrations.options import ThrottleOptions
+from taskgate.provider import Reported, as_report, is_rate_limit_error
 from taskgate.types import Decision, Settlement
 
-__all__ = ["AdmissionGroup", "Admitted", "Deferred", "DeferralState", "Gate"]
+__all__ = ["AdmissionGroup", "Admitted", "Deferred", "DeferralState", "Gate", "ProviderDeferred"]
 
 log = logging.getLogger("taskgate")
 OUTAGE_BACKOFF_MS = (1000, 2000, 5000, 10_000, 30_000, 60_000)
@@ -39,9 +48,17 @@ class DeferralState:
     deferrals: int = 0
     bookings: dict[str, str] = field(default_factory=dict)
     outages: int = 0
+    provider: int = 0  # deferrals after the task's own 429s (capped by the policy's provider.maxDeferrals)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"deferrals": self.deferrals, "bookings": dict(self.bookings), "outages": self.outages}
+        d: dict[str, Any] = {
+            "deferrals": self.deferrals,
+            "bookings": dict(self.bookings),
+            "outages": self.outages,
+        }
+        if self.provider:  # only once the provider refused the task: the header stays as it was otherwise
+            d["provider"] = self.provider
+        return d
 
     @classmethod
     def from_dict(cls, d: object) -> DeferralState:
@@ -52,16 +69,35 @@ class DeferralState:
             deferrals=int(d.get("deferrals", 0) or 0),
             bookings={str(k): str(v) for k, v in b.items()} if isinstance(b, Mapping) else {},
             outages=int(d.get("outages", 0) or 0),
+            provider=int(d.get("provider", 0) or 0),
         )
 
 
 class AdmissionGroup:
-    """The admissions a task holds (one per policy). ``taskgate.current()`` inside the task returns it."""
+    """The admissions a task holds (one per policy). ``taskgate.current()`` inside the task returns it.
+    ``backend``, ``key``, ``policies`` (every policy of the task, rate-only ones too), ``state`` and ``task``
+    say where a provider's report goes and how the task is deferred after a 429 (see the module)."""
 
-    def __init__(self, admissions: Sequence[Admission], *, fail_open: bool = False) -> None:
+    def __init__(
+        self,
+        admissions: Sequence[Admission],
+        *,
+        fail_open: bool = False,
+        backend: Any = None,
+        key: str = "",
+        policies: Sequence[str] = (),
+        state: DeferralState | None = None,
+        task: str = "",
+    ) -> None:
         self.admissions = list(admissions)
         self.fail_open = fail_open  # admitted without asking (store down, fail: open)
         self.settled: list[Settlement | Decision] = []
+        self.backend = backend
+        self.key = key
+        self.policies = list(policies)
+        self.state = state or DeferralState()
+        self.task = task
+        self.reported: list[tuple[str, Reported]] = []  # (policy, what the engine made of a 429)
         self._token: Any = None
 
     @property
@@ -92,17 +128,88 @@ class AdmissionGroup:
             except BackendUnavailableError as e:  # the lease expires by its TTL
                 log.warning("taskgate: release failed (%s); the slot frees when its lease expires", e)
 
+    def report(
+        self,
+        response: object = None,
+        *,
+        status: int | None = None,
+        retry_after: float | None = None,
+        policy: str | None = None,
+    ) -> list[Reported]:
+        """Tell the engine what the provider said (headers, a response, an SDK exception, or ``status=429,
+        retry_after=seconds``) for the task's key under each of its policies (or ``policy`` only)."""
+        r = as_report(response, status=status, retry_after=retry_after)
+        if policy is not None and policy not in self.policies:
+            raise ValueError(f"report(policy={policy!r}): this task holds {self.policies or 'no policy'}")
+        targets = [policy] if policy is not None else self.policies
+        if self.backend is None or not targets:
+            raise RuntimeError(
+                "report(): this task was admitted without the store (fail: open, on_exhausted)"
+            )
+        out = [self.backend.report(name, self.key, r) for name in targets]
+        if r.rate_limited:
+            self.reported += zip(targets, out, strict=True)
+        return out
+
+    def _provider_deferral(self, e: object) -> Deferred | None:
+        """After the body raised ``e``: a Deferred if the provider refused it for rate (a 429 reported, or
+        an SDK rate-limit error, reported here), None for any other failure. Raises ThrottledError past the
+        policy's ``provider.maxDeferrals``."""
+        if e is None or self.backend is None or not self.policies:
+            return None
+        if not self.reported and is_rate_limit_error(e):
+            try:
+                self.report(e)
+            except TaskgateError as err:
+                log.warning("taskgate: could not report the provider's 429 for %s: %s", self.task, err)
+                return None
+        if not self.reported:
+            return None
+        ps = [self.backend.policy(n) for n in self.policies]
+        cap = min(p.provider.max_deferrals for p in ps)
+        name, worst = max(self.reported, key=lambda pr: pr[1].retry_after_ms)
+        if self.state.provider >= cap:
+            raise ThrottledError(
+                f"task {self.task} was refused by the provider (429) {self.state.provider + 1} times under "
+                f"policy {name!r}; provider.maxDeferrals={cap} reached",
+                None,
+            ) from (e if isinstance(e, BaseException) else None)
+        jitter = random.randint(0, max(p.deferral.jitter_ms for p in ps))
+        wait = worst.retry_after_ms or worst.report.hold_ms
+        s = self.state
+        nxt = DeferralState(s.deferrals, {}, 0, s.provider + 1)
+        return Deferred(wait + jitter, nxt, name, "provider", None, reason="provider")
+
     def __enter__(self) -> AdmissionGroup:
         self._token = _current.set(self)
         return self
 
     def __exit__(self, et: object, e: object, tb: object) -> None:
+        deferral: Deferred | None = None
         try:
-            self.release(dropped=et is not None)
+            deferral = self._provider_deferral(e)
         finally:
-            if self._token is not None:
-                _current.reset(self._token)
-                self._token = None
+            try:
+                # a 429 already shrank an adaptive limit in the report: not a second time
+                self.release(dropped=et is not None and not self.reported)
+            finally:
+                if self._token is not None:
+                    _current.reset(self._token)
+                    self._token = None
+        if deferral is not None:
+            raise ProviderDeferred(deferral) from (e if isinstance(e, BaseException) else None)
+
+
+class ProviderDeferred(TaskgateError):
+    """Raised by :meth:`AdmissionGroup.__exit__` when the provider refused the task's call for rate: the
+    integration re-queues the task (``deferred``) instead of failing it. ``__cause__`` is the body's error."""
+
+    def __init__(self, deferred: Deferred) -> None:
+        super().__init__(
+            f"the provider refused the call for rate (policy {deferred.policy!r}): deferred by "
+            f"{deferred.countdown_ms} ms"
+        )
+        self.deferred = deferred
 
 
 @dataclass
@@ -117,7 +224,7 @@ class Deferred:
     policy: str
     axis: str
     decision: Decision | None
-    reason: str = "throttled"  # or "unavailable"
+    reason: str = "throttled"  # or "unavailable", or "provider" (the task's own 429: ProviderDeferred)
 
 
 class Stats:
@@ -231,7 +338,7 @@ class Gate:
                 if d.booked:
                     bookings[p.name] = d.booking_token
                 jitter = 0 if d.booked else random.randint(0, p.deferral.jitter_ms)
-                nxt = DeferralState(state.deferrals, bookings, 0)
+                nxt = DeferralState(state.deferrals, bookings, 0, state.provider)
                 return Deferred(d.retry_after_ms + jitter, nxt, p.name, axis, d)
         except BackendUnavailableError as e:
             _undo(held)
@@ -246,9 +353,10 @@ class Gate:
                 opts.task,
                 wait / 1000,
             )
-            nxt = DeferralState(state.deferrals, bookings, state.outages + 1)
+            nxt = DeferralState(state.deferrals, bookings, state.outages + 1, state.provider)
             return Deferred(wait, nxt, current.name, "unavailable", None, reason="unavailable")
-        return Admitted(AdmissionGroup(held))
+        names = [p.name for p in ordered]
+        return Admitted(AdmissionGroup(held, backend=b, key=key, policies=names, state=state, task=opts.task))
 
 
 def _undo(held: list[Admission]) -> None:
