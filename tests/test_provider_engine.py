@@ -98,22 +98,28 @@ def test_reported_limits_pace_the_key(b: taskgate.RedisBackend) -> None:
         "x-ratelimit-reset-requests": "58s",
     }
     r = b.report("rate", "acme", headers, now=N)
-    assert (r.hold_until, r.provider_limit, r.pacing_interval_ms) == (0, 60, 1000.0)
+    # burst: the most remaining seen + 1 (a per-minute limit is enforced in smaller buckets)
+    assert (r.hold_until, r.provider_limit, r.pacing_interval_ms, r.pacing_burst) == (0, 60, 1000.0, 3)
     assert [b.check("rate", "acme", now=N).allowed for _ in range(3)] == [True, True, False]
-    d = b.check("rate", "acme", now=N)
-    assert (d.limit, d.retry_after_ms) == (60, 1000)
+    # denied callers are given return times one interval apart (not all at once)
+    waits = [b.check("rate", "acme", now=N).retry_after_ms for _ in range(3)]
+    assert waits == [2000, 3000, 4000]
+    assert b.check("rate", "acme", now=N).limit == 3
     assert b.check("rate", "acme", now=N + 1000).allowed
     assert not b.check("rate", "acme", now=N + 1000).allowed
     # a later, higher remaining (the provider has not counted the calls in flight) never raises ours
-    b.report("rate", "acme", {**headers, "x-ratelimit-remaining-requests": "50"}, now=N + 1000)
+    r = b.report("rate", "acme", {**headers, "x-ratelimit-remaining-requests": "50"}, now=N + 1000)
+    assert r.pacing_burst == 51
     assert not b.check("rate", "acme", now=N + 1000).allowed
     # the limit halves: the interval doubles
     halved = {**headers, "x-ratelimit-limit-requests": "30", "x-ratelimit-remaining-requests": "0"}
     r = b.report("rate", "acme", halved, now=N + 2000)
-    assert (r.provider_limit, r.pacing_interval_ms) == (30, 2000.0)
+    assert (r.provider_limit, r.pacing_interval_ms, r.pacing_burst) == (30, 2000.0, 1)
     assert r.hold_until == N + 4000  # remaining 0: held for one interval (not until the 58 s reset)
     assert not b.check("rate", "acme", now=N + 3999).allowed
-    assert b.check("rate", "acme", now=N + 4000).allowed
+    assert b.check("rate", "acme", now=N + 10_000).allowed
+    assert not b.check("rate", "acme", now=N + 10_000).allowed
+    assert b.check("rate", "acme", now=N + 12_000).allowed
 
 
 def test_a_429_with_a_known_pacing_empties_it(b: taskgate.RedisBackend) -> None:

@@ -110,8 +110,8 @@ class Reported:
     """What the engine made of a report, for the whole fleet. ``hold_until`` (epoch-ms, 0: no hold) and
     ``retry_after_ms`` (from the engine's clock) say when the key reopens; ``capped``: the provider asked
     for a longer hold than the policy's ``provider.maxHold``; ``concurrency_limit`` the (adaptive) limit
-    now (0: no concurrency axis); ``provider_limit`` and ``pacing_interval_ms`` the pacing the key follows
-    (0: none reported); ``budgets_lowered`` how many token budgets were lowered to the reported remaining;
+    now (0: no concurrency axis); ``provider_limit`` (per its window), ``pacing_interval_ms`` and
+    ``pacing_burst`` the pacing the key follows (0: none reported); ``budgets_lowered`` how many token budgets were lowered to the reported remaining;
     ``rate_limited`` the 429s reported on this key so far."""
 
     report: ProviderReport
@@ -123,6 +123,7 @@ class Reported:
     pacing_interval_ms: float
     budgets_lowered: int
     rate_limited: int
+    pacing_burst: int
 
 
 def _debug(what: str, value: object) -> None:

@@ -465,6 +465,7 @@ class AxesPlanner(Planner):
                 int(raw[4]) / 1000.0,
                 int(raw[5]),
                 int(raw[6]),
+                int(raw[7]),
             )
 
         return Plan(script("report"), keys, args, decode)

@@ -19,7 +19,7 @@ local P = rate_params(ARGV, 6)
 local function pv_deny(pv) return { 0, pv.cap, 0, pv.at, pv.wait, 0, '' } end
 if mode == 'b' or mode == 't' then
   local key, bk = KEYS[1], KEYS[2]
-  local pv = pv_look(KEYS[3], now)
+  local pv = pv_look(KEYS[3], now, true)
   if pv ~= nil and pv.allowed == 0 then return pv_deny(pv) end
   if token ~= '' then
     local valid_at = tonumber(redis.call('ZSCORE', bk, token))
@@ -52,7 +52,7 @@ end
 local consume = (mode == 'c')
 local n = NK / 2
 if n == 1 then  -- check, peek: the decision as it is (no copy)
-  local pv = pv_look(KEYS[2], now)
+  local pv = pv_look(KEYS[2], now, consume)
   if pv ~= nil and pv.allowed == 0 then return pv_deny(pv) end
   local d = rate_decide(KEYS[1], now, cost, P, consume, false)
   if consume and d[1] == 1 then pv_take(KEYS[2], pv) end
@@ -61,7 +61,7 @@ if n == 1 then  -- check, peek: the decision as it is (no copy)
 end
 local out = {}
 for i = 1, n do
-  local pv = pv_look(KEYS[n + i], now)
+  local pv = pv_look(KEYS[n + i], now, consume)
   local d
   if pv ~= nil and pv.allowed == 0 then
     d = pv_deny(pv)

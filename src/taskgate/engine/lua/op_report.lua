@@ -7,12 +7,13 @@
 --       [9] concurrency min  [10] concurrency max (0 0: no concurrency axis)  [11] nb
 --       [12 .. 11+2nb] budget, window ms (pairs)
 -- Effects: the hold is extended to now + min(hold, longest) (never shortened); the pacing takes the reported
--- limit per window (iv = window / limit, burst = limit) and its remaining is lowered to the reported one
+-- limit per window (iv = window / limit; burst = limit, or the most remaining reported + 1 when lower: see
+-- provider.lua) and its remaining is lowered to the reported one
 -- (never raised: calls in flight are not in the provider's count yet); a 429 with a known pacing and no
 -- remaining counts as remaining 0; each budget's remaining in its current window is lowered to the reported
 -- tokens remaining; a 429 shrinks an adaptive concurrency limit (x0.75, as a dropped release does).
--- Reply {hold_until (0 none), now, concurrency limit (0 none), pacing burst (0 none), pacing interval us,
---        budgets lowered, 429s reported on this key}
+-- Reply {hold_until (0 none), now, concurrency limit (0 none), provider's limit (0 none), pacing interval us,
+--        budgets lowered, 429s reported on this key, pacing burst (0 none)}
 local now = tg_now(ARGV[1])
 local hold, longest, limited = tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4] == '1'
 local rlimit, rrem, rwin, trem = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
@@ -30,21 +31,30 @@ if hold > 0 then
 end
 if u > now then ttl = u - now end
 local iv, cap, tat = tonumber(h[2]), tonumber(h[3]), tonumber(h[4])
+local rem = nil  -- the pacing's remaining now (nil: no pacing yet)
+if iv ~= nil then
+  local t = tat or now
+  if t < now then t = now end
+  rem = cap - (t - now) / iv
+end
+local plimit = tonumber(redis.call('HGET', K, 'lim')) or 0
 if rlimit > 0 and rwin > 0 then
-  iv, cap = rwin / rlimit, rlimit
-  redis.call('HSET', K, 'iv', string.format('%.17g', iv), 'cap', cap)
+  local niv = rwin / rlimit
+  local mr = tonumber(redis.call('HGET', K, 'mr'))
+  if mr == nil or iv == nil or math.abs(niv - iv) > tg_tol(iv) then mr = -1 end  -- a new limit: observe again
+  if rrem > mr then mr = rrem end
+  iv, cap, plimit = niv, rlimit, rlimit
+  if mr >= 0 and mr + 1 < cap then cap = mr + 1 end
+  redis.call('HSET', K, 'iv', string.format('%.17g', iv), 'cap', cap, 'mr', mr, 'lim', rlimit)
 end
 if iv ~= nil then
+  -- the remaining is kept across a change of limit or burst, and lowered (never raised) to the reported one
   if rrem < 0 and limited then rrem = 0 end
-  if rrem >= 0 then
-    if rrem > cap then rrem = cap end
-    local want = now + (cap - rrem) * iv
-    if tat == nil or want > tat then
-      redis.call('HSET', K, 'tat', string.format('%.17g', want))
-    end
-  end
+  if rem == nil or rem > cap then rem = cap end
+  if rrem >= 0 and rrem < rem then rem = rrem end
+  redis.call('HSET', K, 'tat', string.format('%.17g', now + (cap - rem) * iv))
   -- the pacing outlives the last report by ten of its windows (a quiet key forgets it)
-  local span = 10 * iv * cap
+  local span = 10 * iv * plimit
   if span > ttl then ttl = span end
 end
 local n = 0
@@ -70,4 +80,4 @@ end
 local ivus = 0
 if iv ~= nil then ivus = math.floor(iv * 1000 + 0.5) end
 if u <= now then u = 0 end
-return { u, now, lim, cap or 0, ivus, lowered, n }
+return { u, now, lim, plimit, ivus, lowered, n, cap or 0 }
