@@ -111,8 +111,8 @@ class Reported:
     ``retry_after_ms`` (from the engine's clock) say when the key reopens; ``capped``: the provider asked
     for a longer hold than the policy's ``provider.maxHold``; ``concurrency_limit`` the (adaptive) limit
     now (0: no concurrency axis); ``provider_limit`` (per its window), ``pacing_interval_ms`` and
-    ``pacing_burst`` the pacing the key follows (0: none reported); ``budgets_lowered`` how many token budgets were lowered to the reported remaining;
-    ``rate_limited`` the 429s reported on this key so far."""
+    ``pacing_burst`` the pacing the key follows (0: none reported); ``budgets_lowered`` how many token
+    budgets were lowered to the reported remaining; ``rate_limited`` the 429s reported on this key so far."""
 
     report: ProviderReport
     hold_until: int
