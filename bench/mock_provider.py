@@ -9,7 +9,7 @@ duration like ``1.5s``); a 429 adds ``retry-after-ms`` and ``retry-after`` (the 
 HTTP (the server runs in a thread of the caller's process; ``close()`` stops it):
 
 - ``POST /v1/call`` with headers ``X-Call`` (the caller's id for the call), ``X-Started`` (epoch seconds at
-  which the task body started), ``X-Tokens``: 200 or 429, JSON ``{"ok": bool}``.
+  which the engine admitted the task), ``X-Tokens``: 200 or 429, JSON ``{"ok": bool}``.
 - ``POST /held?written=<epoch s>&until=<epoch s>``: a caller says when the engine's hold for a 429 was written
   and until when it holds (the check "no call after the hold was written reaches the provider before its
   Retry-After" needs both).
@@ -75,7 +75,7 @@ class Call:
     at: float  # epoch s when the provider saw it
     status: int
     call: str
-    started: float  # epoch s when the task body started (X-Started)
+    started: float  # epoch s when the engine admitted the task (X-Started)
     retry_after: float = 0.0  # s, on a 429
 
 
@@ -146,8 +146,8 @@ class MockProvider:
     # -- what it saw ----------------------------------------------------------------------------------
 
     def early_calls(self) -> tuple[int, int]:
-        """(calls that started after a hold was written and reached the provider before it ended, calls that
-        reached it during a hold at all, most of them started before the hold was written: in flight)."""
+        """(calls admitted after a hold was written that reached the provider before it ended, calls that
+        reached it during a hold at all: the others were admitted before the hold was written, in flight)."""
         with self.lock:
             calls, holds = list(self.calls), list(self.holds)
         violations = during = 0

@@ -31,10 +31,23 @@ POLICIES: dict[str, Any] = {
 KEY = "org-1"  # one provider key (API key / organisation) shared by every worker
 
 
+def admitted_at() -> float:
+    """When the engine admitted the running task (epoch s, the engine's clock): its lease's expiry minus the
+    lease TTL. Body start would be later by the admit's reply and the task's startup, so a task admitted
+    just before a hold was written could look as if it started after it."""
+    held = taskgate.current()
+    backend = getattr(held, "backend", None)
+    for a in getattr(held, "admissions", ()):
+        c = backend.policy(a.policy).concurrency if backend is not None else None
+        if a.lease_expires_at and c is not None:
+            return float(a.lease_expires_at - c.lease_ttl_ms) / 1000.0
+    return time.time()
+
+
 def call_provider(url: str, call_id: str, tokens: int = 100) -> int:
     """One provider call from a throttled task: report what it said; on a 429 tell the mock when the engine's
     hold was written (for its check) and raise (the gate defers the task)."""
-    started = time.time()
+    started = admitted_at()
     req = urllib.request.Request(
         url + "/v1/call",
         data=b"",

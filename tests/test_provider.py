@@ -75,7 +75,7 @@ def test_the_fleet_obeys_the_provider(mock: MockProvider) -> None:
     assert set(done.values()) == {1}
     assert sorted(int(k) for k in ok) == list(range(N))
     assert set(ok.values()) == {1}
-    # a 429 held the key for the fleet: no call that started after the hold was written reached the provider
+    # a 429 held the key for the fleet: no call admitted after the hold was written reached the provider
     # before the hold ended (calls already in flight when it was written may)
     assert n429 >= 1
     assert mock.holds

@@ -122,6 +122,18 @@ def test_reported_limits_pace_the_key(b: taskgate.RedisBackend) -> None:
     assert b.check("rate", "acme", now=N + 12_000).allowed
 
 
+def test_return_slots_stop_at_the_horizon(b: taskgate.RedisBackend) -> None:
+    b.report(
+        "llm", "acme", {"x-ratelimit-limit-requests": "6000", "x-ratelimit-remaining-requests": "0"}, now=N
+    )
+    # 100 a second; the policy's horizon is 10 s by default, so return slots are handed out 10 ms apart up
+    # to ~10 s ahead, and the callers after that are told to come back in 10 s and ask again
+    waits = [b.admit("llm", "acme", now=N).retry_after_ms for _ in range(1100)]
+    assert waits[:3] == [10, 20, 30]
+    assert max(waits) == 10_000
+    assert waits[998:1002] == [9990, 10_000, 10_000, 10_000]
+
+
 def test_a_429_with_a_known_pacing_empties_it(b: taskgate.RedisBackend) -> None:
     b.report("rate", "acme", {"x-ratelimit-limit-requests": "600"}, now=N)  # 10 a second, burst 600
     assert b.check("rate", "acme", now=N).allowed
@@ -206,13 +218,15 @@ def test_the_service_door_says_report_needs_the_direct_door() -> None:
 
 def test_policy_provider_options() -> None:
     p = parse_policy("x", {"concurrency": {"maxLimit": 2}})
-    assert p.provider == ProviderSpec(3_600_000, 20)
-    p = parse_policy("x", {"concurrency": {"maxLimit": 2}, "provider": {"maxHold": "5m", "maxDeferrals": 3}})
-    assert p.provider == ProviderSpec(300_000, 3)
+    assert p.provider == ProviderSpec(3_600_000, 20, 10_000)
+    given = {"maxHold": "5m", "maxDeferrals": 3, "horizon": "2s"}
+    p = parse_policy("x", {"concurrency": {"maxLimit": 2}, "provider": given})
+    assert p.provider == ProviderSpec(300_000, 3, 2000)
     for bad, field in [
         ({"maxHold": "0s"}, "provider.maxHold"),
         ({"maxHold": "2d"}, "provider.maxHold"),
         ({"maxDeferrals": -1}, "provider.maxDeferrals"),
+        ({"horizon": "10ms"}, "provider.horizon"),
         ({"maxHOLD": "1m"}, "provider.maxHOLD"),
     ]:
         with pytest.raises(InvalidPolicyError, match=rf"policy 'x'.*{re.escape(field)}") as e:

@@ -184,12 +184,15 @@ class DeferralSpec:
 
 @dataclass(frozen=True, slots=True)
 class ProviderSpec:
-    """What a provider's 429s may do (``provider: {maxHold, maxDeferrals}``): a reported hold is capped at
-    ``max_hold_ms`` (with a warning), and a task deferred by its own 429s more than ``max_deferrals`` times
-    fails with :class:`~taskgate.errors.ThrottledError`."""
+    """What a provider's 429s may do (``provider: {maxHold, maxDeferrals, horizon}``): a reported hold is
+    capped at ``max_hold_ms`` (with a warning); a task deferred by its own 429s more than ``max_deferrals``
+    times fails with :class:`~taskgate.errors.ThrottledError`; callers denied by the provider's pacing are
+    given return slots up to ``horizon_ms`` ahead (beyond it they come back then and ask again: a shorter
+    horizon follows a raised limit sooner, at the cost of more re-queues)."""
 
     max_hold_ms: int = 3_600_000
     max_deferrals: int = 20
+    horizon_ms: int = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -430,12 +433,17 @@ def _parse_provider(r: _Reader) -> ProviderSpec:
     if not r.has("provider"):
         return ProviderSpec()
     d = r.mapping("provider")
-    d.only({"maxHold", "maxDeferrals"})
+    d.only({"maxHold", "maxDeferrals", "horizon"})
     hold = d.duration("maxHold", default=3_600_000)
     if not 1000 <= hold <= MAX_PROVIDER_HOLD_MS:
         raise _bad(r.policy, "provider.maxHold", d.data["maxHold"], "a duration from 1s to 1d")
+    horizon = d.duration("horizon", default=10_000)
+    if not 100 <= horizon <= MAX_PROVIDER_HOLD_MS:
+        raise _bad(r.policy, "provider.horizon", d.data["horizon"], "a duration from 100ms to 1d")
     return ProviderSpec(
-        max_hold_ms=hold, max_deferrals=d.integer("maxDeferrals", default=20, minimum=0, maximum=10_000)
+        max_hold_ms=hold,
+        max_deferrals=d.integer("maxDeferrals", default=20, minimum=0, maximum=10_000),
+        horizon_ms=horizon,
     )
 
 

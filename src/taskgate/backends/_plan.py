@@ -441,6 +441,7 @@ class AxesPlanner(Planner):
             tok.remaining if tok is not None and tok.remaining is not None else -1,
             c.min_limit if c else 0,
             c.max_limit if c else 0,
+            p.provider.horizon_ms,
             *_budget_args(p),
         ]
 

@@ -4,8 +4,8 @@
 -- ARGV  [1] now (0 = TIME)  [2] hold ms (0: none)  [3] longest hold ms (the policy's provider.maxHold)
 --       [4] rate limited (a 429) 1|0  [5] requests limit (-1 unknown)  [6] requests remaining (-1 unknown)
 --       [7] requests window ms (-1 unknown)  [8] tokens remaining (-1 unknown)
---       [9] concurrency min  [10] concurrency max (0 0: no concurrency axis)  [11] nb
---       [12 .. 11+2nb] budget, window ms (pairs)
+--       [9] concurrency min  [10] concurrency max (0 0: no concurrency axis)  [11] return-slot horizon ms
+--       [12] nb  [13 .. 12+2nb] budget, window ms (pairs)
 -- Effects: the hold is extended to now + min(hold, longest) (never shortened); the pacing takes the reported
 -- limit per window (iv = window / limit; burst = limit, or the most remaining reported + 1 when lower: see
 -- provider.lua) and its remaining is lowered to the reported one
@@ -17,7 +17,7 @@
 local now = tg_now(ARGV[1])
 local hold, longest, limited = tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4] == '1'
 local rlimit, rrem, rwin, trem = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
-local minl, maxl, nb = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11])
+local minl, maxl, hz, nb = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11]), tonumber(ARGV[12])
 local K = KEYS[1]
 local h = redis.call('HMGET', K, 'u', 'iv', 'cap', 'tat')
 local u = tonumber(h[1]) or 0
@@ -45,7 +45,7 @@ if rlimit > 0 and rwin > 0 then
   if rrem > mr then mr = rrem end
   iv, cap, plimit = niv, rlimit, rlimit
   if mr >= 0 and mr + 1 < cap then cap = mr + 1 end
-  redis.call('HSET', K, 'iv', string.format('%.17g', iv), 'cap', cap, 'mr', mr, 'lim', rlimit)
+  redis.call('HSET', K, 'iv', string.format('%.17g', iv), 'cap', cap, 'mr', mr, 'lim', rlimit, 'hz', hz)
 end
 if iv ~= nil then
   -- the remaining is kept across a change of limit or burst, and lowered (never raised) to the reported one
@@ -62,7 +62,7 @@ if limited then n = redis.call('HINCRBY', K, 'n', 1) else n = tonumber(redis.cal
 if ttl > 0 or limited then conc_touch(K, math.max(ttl, 60000)) end
 local lowered = 0
 if trem >= 0 and nb > 0 then
-  local B = budgets_load(KEYS, 3, ARGV, 12, nb, now)
+  local B = budgets_load(KEYS, 3, ARGV, 13, nb, now)
   for i = 1, nb do
     local b = B[i]
     if b.budget - b.c > trem then

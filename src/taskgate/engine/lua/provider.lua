@@ -7,6 +7,7 @@
 --   mr   the most remaining reported since the limit last changed
 --   wq   the return cursor of denied callers (see pv_look)
 --   lim  the provider's reported limit (per its window)
+--   hz   how far ahead denied callers are given return slots (ms; written by op_report)
 --   tat  pacing theoretical arrival time (GCRA over iv, cap): synced down to the provider's reported remaining
 --   n    429s reported (for operators)
 -- No key (nothing reported, or it expired): one HMGET of a missing key, nothing else.
@@ -15,9 +16,11 @@
 -- tat } (cap: the pacing burst, 0 if unknown; a denial's Decision reports it as its limit). A denial with
 -- spread (check, admit; not peek) hands out return times spaced by the pacing interval after the last one
 -- handed out (cursor wq, like conc_wait): a backlog comes back in order at the provider's rate instead of
--- all at the hold's end (it writes only on a denial).
+-- all at the hold's end (it writes only on a denial). Slots are handed out up to hz ms ahead (the policy's
+-- provider.horizon); a caller beyond it is told to come back then and ask again, so a backlog that waits
+-- follows a raised limit within hz instead of keeping the return times of the old one.
 local function pv_look(key, now, spread)
-  local h = redis.call('HMGET', key, 'u', 'iv', 'cap', 'tat', 'wq')
+  local h = redis.call('HMGET', key, 'u', 'iv', 'cap', 'tat', 'wq', 'hz')
   if h[1] == false and h[2] == false then return nil end
   local u, iv, cap = tonumber(h[1]), tonumber(h[2]), tonumber(h[3]) or 0
   local at = nil
@@ -34,9 +37,13 @@ local function pv_look(key, now, spread)
     return { allowed = 1, tat = tat + iv }
   end
   if spread and iv ~= nil then
-    local cursor = tonumber(h[5])
+    local base, cursor, hz = at, tonumber(h[5]), tonumber(h[6])
     if cursor ~= nil and cursor > at then at = cursor end
-    redis.call('HSET', key, 'wq', string.format('%.17g', at + iv))
+    if hz ~= nil and at > base and at - now > hz then
+      at = math.max(base, now + hz)  -- beyond the horizon: come back then and ask again (no slot taken)
+    else
+      redis.call('HSET', key, 'wq', string.format('%.17g', at + iv))
+    end
   end
   at = math.ceil(at)
   return { allowed = 0, wait = at - now, at = at, cap = cap }
