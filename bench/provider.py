@@ -222,8 +222,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 (i for i in range(len(per_w)) if all(abs(x - rate) <= 0.1 * rate for x in per_w[i:])), None
             )
             conv.append(
-                f"after the change to {rate * 60:.0f}/min: mean of the first two {w:.0f}-s windows {two:.2f}/s "
-                f"({two / rate - 1:+.1%}); every window within 10% from #{'-' if stays is None else stays + 1}"
+                f"after the change to {rate * 60:.0f}/min: mean of the first two {w:.0f}-s windows "
+                f"{two:.2f}/s ({two / rate - 1:+.1%}); every window within 10% from "
+                f"#{'-' if stays is None else stays + 1}"
             )
         label = f"{rate * 60:.0f}/min ({rate:.1f}/s)" + (", after the spending" if k in spend_ix else "")
         rows.append(
