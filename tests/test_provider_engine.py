@@ -234,3 +234,33 @@ def test_policy_provider_options() -> None:
         assert e.value.field == field
     with pytest.raises(InvalidPolicyError, match=r"'provider'.*a mapping"):
         parse_policy("x", {"concurrency": {"maxLimit": 2}, "provider": 5})
+
+
+def test_counters_top_and_metrics_show_the_provider(b: taskgate.RedisBackend) -> None:
+    from rich.console import Console
+
+    from taskgate.metrics import families
+    from taskgate.stats import read_snapshot
+    from taskgate.top import render
+
+    # on the store's clock (now=None): the counters are per second of it, and top reads it
+    b.report("llm", "acme", {"x-ratelimit-limit-requests": "120"})
+    first = b.report("llm", "acme", status=429, retry_after=30)
+    assert b.report("llm", "acme", status=429, retry_after=20).hold_until == first.hold_until  # adds nothing
+    assert b.admit("llm", "acme").binding_axis == "provider"
+    snap = read_snapshot(b.client, b.policies, b.prefix)
+    p = snap.policy("llm")
+    assert (p.totals.provider_429s, p.totals.provider_hold_ms, p.totals.denied_provider) == (2, 30_000, 1)
+    assert p.binding_axis == "provider"
+    (k,) = p.keys
+    assert k.limit == 4  # 8 x 0.75 x 0.75, floored: the key's adaptive limit, fleet-wide
+    assert (k.key, k.held_until, k.provider_limit, k.provider_rate) == ("acme", first.hold_until, 120, 2.0)
+    console = Console(width=200, record=True)
+    console.print(render(snap, "test"))
+    text = console.export_text()
+    assert "429s" in text
+    assert "held " in text
+    assert "2.0/s (reports 120); configured 100 (gcra)" in text
+    metrics = {(s.name, s.labels.get("policy")): s.value for m in families(snap) for s in m.samples}
+    assert metrics[("taskgate_provider_429s_total", "llm")] == 2
+    assert metrics[("taskgate_provider_hold_seconds_total", "llm")] == 30.0

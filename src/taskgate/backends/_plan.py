@@ -469,7 +469,7 @@ class AxesPlanner(Planner):
                 int(raw[7]),
             )
 
-        return Plan(script("report"), keys, args, decode)
+        return self._counted(p, "report", None, keys, args, decode, key)
 
     def _lease_set(self, lease: LeaseRef) -> tuple[Policy, list[str]]:
         p = self.policy(lease.policy)

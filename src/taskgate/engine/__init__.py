@@ -39,7 +39,7 @@ def _read(name: str) -> str:
 
 
 StatsMode = Literal["off", "inline", "collect"]
-COUNTED_OPS = frozenset({"check", "admit", "release", "heartbeat", "debit", "reserve", "settle"})
+COUNTED_OPS = frozenset({"check", "admit", "release", "heartbeat", "debit", "reserve", "settle", "report"})
 
 
 @cache

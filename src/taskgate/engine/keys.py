@@ -70,10 +70,13 @@ __all__ = [
 ]
 
 # The fixed set of counters of every bucket (names as stored, short: they are hash fields):
-# a allowed, dr/dc/dk denied by axis (rate/concurrency/cost), bk booked (denials that took a future slot),
-# w sum of retry_after_ms over denials, tr/tc/tf tokens reserved/charged/refunded,
-# la/lr/lx leases acquired/released/reclaimed.
-STATS_COUNTERS: tuple[str, ...] = ("a", "dr", "dc", "dk", "bk", "w", "tr", "tc", "tf", "la", "lr", "lx")
+# a allowed, dr/dc/dk/dp denied by axis (rate/concurrency/cost/provider: admit's provider hold or pacing;
+# check counts those under dr), bk booked (denials that took a future slot), w sum of retry_after_ms over
+# denials, tr/tc/tf tokens reserved/charged/refunded, la/lr/lx leases acquired/released/reclaimed,
+# pr 429s reported by the provider, ph ms of hold those reports added (extensions, never counted twice).
+STATS_COUNTERS: tuple[str, ...] = (
+    "a", "dr", "dc", "dk", "bk", "w", "tr", "tc", "tf", "la", "lr", "lx", "dp", "pr", "ph",
+)  # fmt: skip
 STATS_SLOTS = 60  # seconds kept one by one (older ones are rolled up into the totals)
 STATS_EPOCH_MS = 60_000  # a top set covers one minute; two are kept (this minute and the last)
 STATS_TOP = 32  # keys kept per top set (trimmed back to this when it doubles)

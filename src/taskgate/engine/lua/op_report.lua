@@ -13,7 +13,8 @@
 -- remaining counts as remaining 0; each budget's remaining in its current window is lowered to the reported
 -- tokens remaining; a 429 shrinks an adaptive concurrency limit (x0.75, as a dropped release does).
 -- Reply {hold_until (0 none), now, concurrency limit (0 none), provider's limit (0 none), pacing interval us,
---        budgets lowered, 429s reported on this key, pacing burst (0 none)}
+--        budgets lowered, 429s reported on this key, pacing burst (0 none), ms of hold this report added}
+-- Counters (policy `counters: true`): stats.lua wraps this body and adds its KEYS and one ARGV after these.
 local now = tg_now(ARGV[1])
 local hold, longest, limited = tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4] == '1'
 local rlimit, rrem, rwin, trem = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
@@ -21,10 +22,11 @@ local minl, maxl, hz, nb = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[
 local K = KEYS[1]
 local h = redis.call('HMGET', K, 'u', 'iv', 'cap', 'tat')
 local u = tonumber(h[1]) or 0
-local ttl = 0
+local ttl, added = 0, 0
 if hold > 0 then
   if hold > longest then hold = longest end
   if now + hold > u then
+    added = now + hold - math.max(u, now)
     u = now + hold
     redis.call('HSET', K, 'u', u)
   end
@@ -80,4 +82,4 @@ end
 local ivus = 0
 if iv ~= nil then ivus = math.floor(iv * 1000 + 0.5) end
 if u <= now then u = 0 end
-return { u, now, lim, plimit, ivus, lowered, n, cap or 0 }
+return { u, now, lim, plimit, ivus, lowered, n, cap or 0, added }
