@@ -226,6 +226,15 @@ def test_plain_admission_reports_an_sdk_error_once(eager: Env) -> None:
     assert b.report("llm", "k", {}).concurrency_limit == 6
 
 
+def test_without_provider_deferral_the_error_stands_and_the_key_is_held(eager: Env) -> None:
+    """An integration that does not re-queue on a 429 (RQ for now): the hold is written, the error stands."""
+    g = AdmissionGroup([], backend=eager.b, key="k", policies=["llm"])  # defer_on_429=False
+    with pytest.raises(RateLimitError), g:
+        raise RateLimitError("5")
+    assert eager.b.admit("llm", "k").binding_axis == "provider"
+    assert eager.reported_429s("llm", "k") == 1
+
+
 def test_group_report_names_a_bad_policy(eager: Env) -> None:
     g = AdmissionGroup([], backend=eager.b, key="k", policies=["llm"])
     with pytest.raises(ValueError, match=r"report\(policy='nope'\): this task holds \['llm'\]"):

@@ -81,7 +81,8 @@ class _Runtime:
         self._pid = -1
         self._lock = threading.Lock()
         self.defaults = defaults
-        self.gate = Gate(self.backend_now, short_wait_ms=int(defaults.get("short_wait_ms", 250)))
+        short = int(defaults.get("short_wait_ms", 250))
+        self.gate = Gate(self.backend_now, short_wait_ms=short, provider_deferral=True)
         self._options: dict[type[Any], ThrottleOptions | None] = {}
 
     def backend_now(self) -> Any:

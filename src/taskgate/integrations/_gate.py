@@ -13,10 +13,12 @@ in place instead of a re-queue round trip.
 The provider (``taskgate.provider``): inside the task, ``taskgate.current().report(...)`` tells the engine
 what the provider said, for every policy of the task (or one, ``policy=``). When the body raises after a 429
 was reported, or raises an SDK rate-limit error (``openai.RateLimitError``, ``anthropic.RateLimitError``:
-reported here without user code), :meth:`AdmissionGroup.__exit__` raises :class:`ProviderDeferred` instead:
-the integration re-queues the task through its deferral path, until the hold ends, without using up its
-retries nor ``max_deferrals``. Past the policy's ``provider.maxDeferrals`` such deferrals of one task, it
-fails with :class:`~taskgate.errors.ThrottledError` naming them.
+reported here without user code), :meth:`AdmissionGroup.__exit__` raises :class:`ProviderDeferred` instead
+when the integration re-queues such tasks (``Gate(provider_deferral=True)``: Celery): it re-queues the task
+through its deferral path, until the hold ends, without using up its retries nor ``max_deferrals``. Past the
+policy's ``provider.maxDeferrals`` such deferrals of one task, it fails with
+:class:`~taskgate.errors.ThrottledError` naming them. Elsewhere (RQ for now) the 429 is reported (the fleet
+holds the key) and the body's error stands.
 """
 
 from __future__ import annotations
@@ -88,6 +90,7 @@ class AdmissionGroup:
         policies: Sequence[str] = (),
         state: DeferralState | None = None,
         task: str = "",
+        defer_on_429: bool = False,
     ) -> None:
         self.admissions = list(admissions)
         self.fail_open = fail_open  # admitted without asking (store down, fail: open)
@@ -97,6 +100,7 @@ class AdmissionGroup:
         self.policies = list(policies)
         self.state = state or DeferralState()
         self.task = task
+        self.defer_on_429 = defer_on_429  # the integration re-queues on ProviderDeferred
         self.reported: list[tuple[str, Reported]] = []  # (policy, what the engine made of a 429)
         self._token: Any = None
 
@@ -163,7 +167,7 @@ class AdmissionGroup:
             except TaskgateError as err:
                 log.warning("taskgate: could not report the provider's 429 for %s: %s", self.task, err)
                 return None
-        if not self.reported:
+        if not self.reported or not self.defer_on_429:
             return None
         ps = [self.backend.policy(n) for n in self.policies]
         cap = min(p.provider.max_deferrals for p in ps)
@@ -266,9 +270,11 @@ class Gate:
         *,
         short_wait_ms: int = 250,
         sleep: Callable[[float], None] = time.sleep,
+        provider_deferral: bool = False,
     ) -> None:
         self._backend = backend
         self.short_wait_ms = short_wait_ms
+        self.provider_deferral = provider_deferral  # AdmissionGroup raises ProviderDeferred after a 429
         self.sleep = sleep
         self.stats = Stats()
 
@@ -356,7 +362,16 @@ class Gate:
             nxt = DeferralState(state.deferrals, bookings, state.outages + 1, state.provider)
             return Deferred(wait, nxt, current.name, "unavailable", None, reason="unavailable")
         names = [p.name for p in ordered]
-        return Admitted(AdmissionGroup(held, backend=b, key=key, policies=names, state=state, task=opts.task))
+        group = AdmissionGroup(
+            held,
+            backend=b,
+            key=key,
+            policies=names,
+            state=state,
+            task=opts.task,
+            defer_on_429=self.provider_deferral,
+        )
+        return Admitted(group)
 
 
 def _undo(held: list[Admission]) -> None:
