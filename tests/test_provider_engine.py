@@ -208,6 +208,35 @@ def test_async_twin(store_url: str, prefix: str) -> None:
     asyncio.run(go())
 
 
+class _Limited(Exception):
+    """The shape of an SDK's RateLimitError (status 429, .response.headers)."""
+
+    def __init__(self) -> None:
+        super().__init__("429")
+        self.status_code = 429
+        self.response = type("R", (), {"headers": {"retry-after": "3"}, "status_code": 429})()
+
+
+def test_async_admission_reports_an_sdk_error_and_report(store_url: str, prefix: str) -> None:
+    async def go() -> None:
+        ab = taskgate.connect_async(store_url, POLICIES, prefix=prefix)
+        try:
+            with pytest.raises(_Limited):
+                async with await ab.admit("llm", "acme", now=N) as adm:
+                    raise _Limited()
+            assert adm.rate_limited is not None
+            assert adm.rate_limited.hold_until == N + 3000
+            d = await ab.admit("llm", "acme", now=N + 1000)
+            assert (d.binding_axis, d.retry_after_ms) == ("provider", 2000)
+            async with await ab.admit("llm", "other", now=N) as held:
+                r = await held.report({"x-ratelimit-limit-requests": "60"})
+                assert (r.provider_limit, r.pacing_interval_ms) == (60, 1000.0)
+        finally:
+            await ab.aclose()
+
+    asyncio.run(go())
+
+
 def test_the_service_door_says_report_needs_the_direct_door() -> None:
     pytest.importorskip("grpc")
     sb = taskgate.connect("grpc://127.0.0.1:9", POLICIES)
