@@ -548,7 +548,7 @@ def test_check_plans_are_the_general_composition(cluster: bool) -> None:
                 got = planner.check(name, key, cost, now, book=book, token=token)
                 ks = keyset("pp", p, key)
                 mode = "b" if book and p.booking_horizon_ms > 0 else ("t" if token else "c")
-                keys = [ks.rate, ks.bookings] if mode != "c" else [ks.rate]
+                keys = [ks.rate, ks.bookings, ks.provider] if mode != "c" else [ks.rate, ks.provider]
                 args = [check_now(now), mode, cost, token, p.booking_grace_ms, *p.rate.params()]
                 want = planner._counted(p, "check", p.rate.strategy, keys, [*args, p.booking_horizon_ms],
                                         got.decode, None)  # fmt: skip

@@ -23,6 +23,8 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol
 
+from taskgate.errors import TaskgateError
+from taskgate.provider import Reported, is_rate_limit_error
 from taskgate.types import Decision, Settlement
 
 if TYPE_CHECKING:
@@ -44,7 +46,9 @@ log = logging.getLogger("taskgate")
 class Held(Protocol):
     """What :func:`current` returns: an :class:`Admission`, or the group of admissions a throttled task holds
     (one per policy). ``settle`` reports the actual token usage; ``release(dropped=True)`` reports an
-    overload early (e.g. the provider answered 429); both are idempotent with the task's own release."""
+    overload early; both are idempotent with the task's own release. ``report`` tells the engine what the
+    provider said (headers, an SDK exception, or ``status=429, retry_after=N``): a 429 holds the key for the
+    whole fleet, and the task that hit it is deferred instead of failed when it raises."""
 
     @property
     def allowed(self) -> bool: ...
@@ -52,6 +56,10 @@ class Held(Protocol):
     def settle(self, usage: object) -> object: ...
 
     def release(self, *, dropped: bool = False) -> object: ...
+
+    def report(
+        self, response: object = None, *, status: int | None = None, retry_after: float | None = None
+    ) -> object: ...
 
 
 _current: contextvars.ContextVar[Held | None] = contextvars.ContextVar("taskgate_current", default=None)
@@ -120,6 +128,7 @@ class _AdmissionState:
         self.settled: Settlement | None = None
         self.reclaimed = False
         self.on_reclaimed: Callable[[], None] | None = None
+        self.rate_limited: Reported | None = None  # a 429 reported while held
         self._token: contextvars.Token[Any] | None = None
 
     @property
@@ -184,6 +193,16 @@ class _SyncDoor(Protocol):
         self, policy: str, key: str, reservation_id: str, actual: int, *, now: int | None = None
     ) -> Settlement: ...
     def heartbeat(self, lease_ids: list[str], *, now: int | None = None) -> HeartbeatReply: ...
+    def report(
+        self,
+        policy: str,
+        key: str,
+        response: object = None,
+        *,
+        status: int | None = None,
+        retry_after: float | None = None,
+        now: int | None = None,
+    ) -> Reported: ...
 
 
 class Admission(_AdmissionState):
@@ -227,6 +246,17 @@ class Admission(_AdmissionState):
             self._pump.unregister(self)
         return self._door.release(self.lease_id, dropped=dropped, now=self.now)
 
+    def report(
+        self, response: object = None, *, status: int | None = None, retry_after: float | None = None
+    ) -> Reported:
+        """What the provider said about this admission's (policy, key): see :meth:`RedisBackend.report`."""
+        r = self._door.report(
+            self.policy, self.key, response, status=status, retry_after=retry_after, now=self.now
+        )
+        if r.report.rate_limited:
+            self.rate_limited = r
+        return r
+
     def start_heartbeat(self, pump: HeartbeatPump) -> None:
         if self.held:
             self._pump = pump
@@ -254,8 +284,14 @@ class Admission(_AdmissionState):
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         try:
+            if self.allowed and is_rate_limit_error(e) and self.rate_limited is None:
+                try:  # an SDK's rate-limit error raised in the block: the fleet learns it
+                    self.report(e)
+                except TaskgateError as err:
+                    log.warning("taskgate: could not report the provider's 429: %s", err)
             if self.allowed:
-                self.release(dropped=et is not None)
+                # a 429 already shrank an adaptive limit in the report: not a second time
+                self.release(dropped=et is not None and self.rate_limited is None)
         finally:
             if self._token is not None:
                 _current.reset(self._token)
@@ -269,6 +305,16 @@ class _AsyncDoor(Protocol):
         self, policy: str, key: str, reservation_id: str, actual: int, *, now: int | None = None
     ) -> Settlement: ...
     async def heartbeat(self, lease_ids: list[str], *, now: int | None = None) -> HeartbeatReply: ...
+    async def report(
+        self,
+        policy: str,
+        key: str,
+        response: object = None,
+        *,
+        status: int | None = None,
+        retry_after: float | None = None,
+        now: int | None = None,
+    ) -> Reported: ...
 
 
 class AsyncAdmission(_AdmissionState):
@@ -310,6 +356,16 @@ class AsyncAdmission(_AdmissionState):
             self._pump.unregister(self)
         return await self._door.release(self.lease_id, dropped=dropped, now=self.now)
 
+    async def report(
+        self, response: object = None, *, status: int | None = None, retry_after: float | None = None
+    ) -> Reported:
+        r = await self._door.report(
+            self.policy, self.key, response, status=status, retry_after=retry_after, now=self.now
+        )
+        if r.report.rate_limited:
+            self.rate_limited = r
+        return r
+
     def start_heartbeat(self, pump: AsyncHeartbeatPump) -> None:
         if self.held:
             self._pump = pump
@@ -323,8 +379,13 @@ class AsyncAdmission(_AdmissionState):
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         try:
+            if self.allowed and is_rate_limit_error(e) and self.rate_limited is None:
+                try:
+                    await self.report(e)
+                except TaskgateError as err:
+                    log.warning("taskgate: could not report the provider's 429: %s", err)
             if self.allowed:
-                await self.release(dropped=et is not None)
+                await self.release(dropped=et is not None and self.rate_limited is None)
         finally:
             if self._token is not None:
                 _current.reset(self._token)

@@ -11,12 +11,15 @@ by ``policy``:
 
 ===================================== ======= ==============================================================
 ``taskgate_decisions_total``          counter ``outcome`` allowed (``axis`` "") or denied (``axis`` rate,
-                                              concurrency or cost: the policy's axes): check, check_many
+                                              concurrency or cost: the policy's axes; provider: admit
+                                              denied by a provider's hold or pacing): check, check_many
                                               (per key), admit, debit, reserve
 ``taskgate_booked_total``             counter denials that booked a future slot (deferred with a slot)
 ``taskgate_retry_after_seconds_total`` counter the waits handed to denied work (/ denials = the mean wait)
 ``taskgate_tokens_total``             counter ``kind`` reserved, charged or refunded (cost axis)
 ``taskgate_leases_total``             counter ``event`` acquired, released or reclaimed (concurrency axis)
+``taskgate_provider_429s_total``      counter 429s the provider answered, as reported (``report``)
+``taskgate_provider_hold_seconds_total`` counter the hold time those reports added (fleet-wide holds)
 ``taskgate_inflight``                 gauge   leases held now (policy-wide concurrency limits)
 ``taskgate_concurrency_limit``        gauge   the current (adaptive) limit; the ceiling per key for per-key
 ``taskgate_counters_enabled``         gauge   1 unless the policy says ``counters: false``
@@ -100,6 +103,10 @@ def families(snap: Snapshot) -> Iterator[Metric]:
     enabled = GaugeMetricFamily(
         "taskgate_counters_enabled", "1 if the policy keeps counters", labels=["policy"]
     )
+    p429 = CounterMetricFamily("taskgate_provider_429s", "429s reported by the provider", labels=["policy"])
+    held = CounterMetricFamily(
+        "taskgate_provider_hold_seconds", "hold time added by the provider's reports", labels=["policy"]
+    )
     for p in snap.policies:
         t = p.totals
         enabled.add_metric([p.name], 1 if p.counters else 0)
@@ -110,8 +117,10 @@ def families(snap: Snapshot) -> Iterator[Metric]:
         if not p.counters:
             continue
         decisions.add_metric([p.name, "allowed", ""], t.allowed)
-        for axis in p.axes:
+        for axis in (*p.axes, "provider"):
             decisions.add_metric([p.name, "denied", axis], t.denied_by(axis))
+        p429.add_metric([p.name], t.provider_429s)
+        held.add_metric([p.name], t.provider_hold_ms / 1000.0)
         booked.add_metric([p.name], t.booked)
         wait.add_metric([p.name], t.wait_ms / 1000.0)
         if "cost" in p.axes:
@@ -128,7 +137,7 @@ def families(snap: Snapshot) -> Iterator[Metric]:
                 ("reclaimed", t.leases_reclaimed),
             ):
                 leases.add_metric([p.name, event], v)
-    yield from (decisions, booked, wait, tokens, leases, inflight, limit, enabled)
+    yield from (decisions, booked, wait, tokens, leases, inflight, limit, enabled, p429, held)
 
 
 def parse_listen(listen: str) -> tuple[str, int]:

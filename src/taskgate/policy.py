@@ -43,6 +43,7 @@ __all__ = [
     "DeferralSpec",
     "Policies",
     "Policy",
+    "ProviderSpec",
     "RateSpec",
     "load_policies",
     "parse_duration",
@@ -194,6 +195,19 @@ class DeferralSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class ProviderSpec:
+    """What a provider's 429s may do (``provider: {maxHold, maxDeferrals, horizon}``): a reported hold is
+    capped at ``max_hold_ms`` (with a warning); a task deferred by its own 429s more than ``max_deferrals``
+    times fails with :class:`~taskgate.errors.ThrottledError`; callers denied by the provider's pacing are
+    given return slots up to ``horizon_ms`` ahead (beyond it they come back then and ask again: a shorter
+    horizon follows a raised limit sooner, at the cost of more re-queues)."""
+
+    max_hold_ms: int = 3_600_000
+    max_deferrals: int = 20
+    horizon_ms: int = 10_000
+
+
+@dataclass(frozen=True, slots=True)
 class Policy:
     """One named policy: any of the rate, concurrency and cost axes, and how to behave around them."""
 
@@ -207,6 +221,7 @@ class Policy:
     booking_grace_ms: int = 100
     deferral: DeferralSpec = field(default_factory=DeferralSpec)
     counters: bool = True
+    provider: ProviderSpec = field(default_factory=ProviderSpec)
 
     @property
     def kind(self) -> str:
@@ -228,7 +243,7 @@ class Policy:
 _POLICY_KEYS = {
     "strategy", "limit", "period", "periodMs", "burst", "capacity", "refillPerSec", "windowMs", "window",
     "buckets", "tokenBudget", "concurrency", "fail", "accounting", "bookingHorizon", "bookingGrace",
-    "deferral", "counters", "description", "arithmetic",
+    "deferral", "counters", "description", "arithmetic", "provider",
 }  # fmt: skip
 _STRATEGY_FIELDS: dict[str, set[str]] = {
     "gcra": {"limit", "period", "periodMs", "burst"},
@@ -424,6 +439,27 @@ def _parse_deferral(r: _Reader) -> DeferralSpec:
     )
 
 
+MAX_PROVIDER_HOLD_MS = 86_400_000
+
+
+def _parse_provider(r: _Reader) -> ProviderSpec:
+    if not r.has("provider"):
+        return ProviderSpec()
+    d = r.mapping("provider")
+    d.only({"maxHold", "maxDeferrals", "horizon"})
+    hold = d.duration("maxHold", default=3_600_000)
+    if not 1000 <= hold <= MAX_PROVIDER_HOLD_MS:
+        raise _bad(r.policy, "provider.maxHold", d.data["maxHold"], "a duration from 1s to 1d")
+    horizon = d.duration("horizon", default=10_000)
+    if not 100 <= horizon <= MAX_PROVIDER_HOLD_MS:
+        raise _bad(r.policy, "provider.horizon", d.data["horizon"], "a duration from 100ms to 1d")
+    return ProviderSpec(
+        max_hold_ms=hold,
+        max_deferrals=d.integer("maxDeferrals", default=20, minimum=0, maximum=10_000),
+        horizon_ms=horizon,
+    )
+
+
 def _default_grace(rate: RateSpec | None) -> int:
     """A booked slot is honoured up to one emission interval late (at least 100 ms). A task that comes back
     later (a busy worker, an outage) pays again instead: late starts then never bunch up above the limit,
@@ -504,6 +540,7 @@ def parse_policy(name: str, data: object) -> Policy:
         booking_grace_ms=r.duration("bookingGrace", default=_default_grace(rate)),
         deferral=_parse_deferral(r),
         counters=r.boolean("counters", True),
+        provider=_parse_provider(r),
     )
 
 

@@ -62,9 +62,12 @@ _FIELDS = {
     "la": "leases_acquired",
     "lr": "leases_released",
     "lx": "leases_reclaimed",
+    "dp": "denied_provider",
+    "pr": "provider_429s",
+    "ph": "provider_hold_ms",
 }
 assert set(_FIELDS) == set(STATS_COUNTERS)
-AXES = ("rate", "concurrency", "cost")
+AXES = ("rate", "concurrency", "cost")  # a policy's own axes; "provider" denies on any (a key's hold/pacing)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,19 +86,25 @@ class Counters:
     leases_acquired: int = 0
     leases_released: int = 0
     leases_reclaimed: int = 0
+    denied_provider: int = 0  # admit denied by the provider's hold or pacing (check counts them as rate)
+    provider_429s: int = 0  # 429s reported (report)
+    provider_hold_ms: int = 0  # the hold time those reports added
 
     @property
     def denied(self) -> int:
-        return self.denied_rate + self.denied_concurrency + self.denied_cost
+        return self.denied_rate + self.denied_concurrency + self.denied_cost + self.denied_provider
 
     @property
     def decisions(self) -> int:
         return self.allowed + self.denied
 
     def denied_by(self, axis: str) -> int:
-        return {"rate": self.denied_rate, "concurrency": self.denied_concurrency, "cost": self.denied_cost}[
-            axis
-        ]
+        return {
+            "rate": self.denied_rate,
+            "concurrency": self.denied_concurrency,
+            "cost": self.denied_cost,
+            "provider": self.denied_provider,
+        }[axis]
 
     @classmethod
     def of(cls, counts: Mapping[str, int]) -> Counters:
@@ -129,6 +138,9 @@ class KeyView:
     budgets: tuple[BudgetView, ...] = ()
     inflight: int | None = None
     limit: int | None = None
+    held_until: int = 0  # a provider's hold on this key ends then (epoch-ms; 0: none now)
+    provider_limit: int = 0  # the limit the provider reports (per its window; 0: none reported)
+    provider_rate: float = 0.0  # the pace that gives, per second (0: none)
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,7 +171,7 @@ class PolicyView:
         """The axis that denied most recently (over ``recent``, else ``window``); "" if none denied."""
         for c in (self.recent, self.window):
             if c.denied:
-                return max(AXES, key=c.denied_by)
+                return max((*AXES, "provider"), key=c.denied_by)
         return ""
 
     @property
@@ -306,6 +318,7 @@ def _key_reads(p: Policy, prefix: str, key: str, now: int) -> list[Command]:
     cmds: list[Command] = [("HMGET", ks.budget(i), "s", "c") for i in range(len(p.budgets))]
     if p.concurrency is not None and p.concurrency.per_key:
         cmds += [("ZCOUNT", ks.leases, f"({now}", "+inf"), ("HGET", ks.meta, "lim")]
+    cmds.append(("HMGET", ks.provider, "u", "lim", "iv"))
     return cmds
 
 
@@ -320,7 +333,13 @@ def _key_view(p: Policy, key: str, now: int, replies: Sequence[Any], denied: int
     if p.concurrency is not None and p.concurrency.per_key:
         inflight = _int(replies[len(p.budgets)])
         limit = _conc_limit(p, replies[len(p.budgets) + 1])
-    return KeyView(key, denied, spent, tuple(budgets), inflight, limit)
+    u, plim, iv = replies[-1] or (None, None, None)
+    held = _int(u) if _int(u) > now else 0
+    try:
+        pace = 1000.0 / float(_s(iv)) if iv is not None else 0.0
+    except (ValueError, ZeroDivisionError):
+        pace = 0.0
+    return KeyView(key, denied, spent, tuple(budgets), inflight, limit, held, _int(plim), pace)
 
 
 def snapshot_reader(

@@ -233,6 +233,7 @@ TOTALS = (
 )
 TOKENS = (("Tok rsv", "tokens_reserved"), ("charged", "tokens_charged"), ("refunded", "tokens_refunded"))
 LEASES = (("Leases", "leases_acquired"), ("released", "leases_released"), ("reclaimed", "leases_reclaimed"))
+PROVIDER = (("prov", "denied_provider"), ("429s", "provider_429s"), ("held ms", "provider_hold_ms"))
 
 
 def totals_columns(snap: Snapshot) -> list[tuple[str, str]]:
@@ -241,6 +242,8 @@ def totals_columns(snap: Snapshot) -> list[tuple[str, str]]:
         cols += TOKENS
     if any("concurrency" in p.axes for p in snap.policies):
         cols += LEASES
+    if any(p.totals.provider_429s or p.totals.denied_provider for p in snap.policies):
+        cols += PROVIDER  # the provider said something (taskgate.provider): its denials, 429s, hold time
     return cols
 
 
@@ -264,8 +267,14 @@ def _keys(p: PolicyView, now: int, unicode: bool) -> Table:
     t.add_column("Budget", no_wrap=True)
     t.add_column("Resets in", justify="right", no_wrap=True)
     t.add_column("Slots", justify="right", no_wrap=True)
+    provider = any(k.held_until or k.provider_limit for k in p.keys)
+    if provider:
+        t.add_column("Provider", no_wrap=True)
     for k in p.keys:
-        t.add_row(*_key_cells(k, now, unicode))
+        cells = _key_cells(k, now, unicode)
+        if provider:
+            cells.append(_provider_cell(p, k, now))
+        t.add_row(*cells)
     return t
 
 
@@ -295,6 +304,19 @@ def _waiting(snap: Snapshot) -> Table:
             "-" if w.drain_s is None else f"{w.drain_s:.0f}s", f"{mean:.1f}s",
         )  # fmt: skip
     return t
+
+
+def _provider_cell(p: PolicyView, k: KeyView, now: int) -> Text:
+    """What the provider says about the key: a hold, and its reported pace against the configured limit."""
+    parts = []
+    if k.held_until > now:
+        parts.append(("held " + _ms(k.held_until - now), "bold red"))
+    if k.provider_rate:
+        mine = f"configured {p.limit}" + (f" ({p.strategy})" if p.strategy else "")
+        parts.append((f"{k.provider_rate:.1f}/s (reports {k.provider_limit}); {mine}", ""))
+    if not parts:
+        return Text("-")
+    return Text.assemble(*[x for part in parts for x in (part, ("  ", ""))][:-1])
 
 
 def render(snap: Snapshot, source: str = "", *, unicode: bool = True) -> RenderableType:

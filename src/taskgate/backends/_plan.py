@@ -22,8 +22,9 @@ from typing import Any, Generic, TypeVar
 from taskgate.engine import Script, StatsMode, script
 from taskgate.engine.keys import STATS_FLUSH_S, escape, keyset, member_head, shares_stats_slot, stats_keys
 from taskgate.errors import OperationNotSupportedError
-from taskgate.logs import key_text
+from taskgate.logs import key_text, log
 from taskgate.policy import Policies, Policy, RateSpec
+from taskgate.provider import ProviderReport, Reported
 from taskgate.types import Decision, Forecast, LeaseRef, Settlement
 
 T = TypeVar("T")
@@ -233,7 +234,10 @@ class Planner:
         base = c.head + escape(key) + c.mid  # keyset(prefix, policy, key).base
         # b: redeem a token and/or book; t: redeem a token only; c: plain consume
         mode = "b" if book and c.books else ("t" if token else "c")
-        keys = [base + ":r", *c.stats_keys] if mode == "c" else [base + ":r", base + ":bk", *c.stats_keys]
+        if mode == "c":
+            keys = [base + ":r", base + ":pv", *c.stats_keys]
+        else:
+            keys = [base + ":r", base + ":bk", base + ":pv", *c.stats_keys]
         args: list[str | int | float] = [check_now(now), mode, cost, token or "", c.grace, *c.tail]
         return Plan(c.script, keys, args, decode_decision, c.collect)
 
@@ -246,7 +250,8 @@ class Planner:
         if len(keys) > MAX_MANY:
             raise ValueError(f"check_many takes at most {MAX_MANY} keys, got {len(keys)}")
         check_units(cost, "cost", name, rate.max_cost)
-        rk = [keyset(self.prefix, p, check_key(k)).rate for k in keys]
+        ks = [keyset(self.prefix, p, check_key(k)) for k in keys]
+        rk = [k.rate for k in ks] + [k.provider for k in ks]
         args: list[str | int | float] = [check_now(now), "c", cost, "", 0]
         return self._counted(
             p, "check", rate.strategy, rk, args + self._rate_args(p, rate), decode_many, None
@@ -258,7 +263,10 @@ class Planner:
         args: list[str | int | float] = [check_now(now), "p", 1, "", 0]
         ks = keyset(self.prefix, p, key)
         return Plan(
-            script("check", rate.strategy), [ks.rate], args + self._rate_args(p, rate), decode_decision
+            script("check", rate.strategy),
+            [ks.rate, ks.provider],
+            args + self._rate_args(p, rate),
+            decode_decision,
         )
 
     def forecast(self, name: str, key: str, cost: int = 1, now: int | None = None) -> Plan[Forecast]:
@@ -288,7 +296,7 @@ class Planner:
         p = self.policy(name)
         check_key(key)
         ks = keyset(self.prefix, p, key)
-        keys = [ks.rate, ks.bookings, *(ks.budget(i) for i in range(len(p.budgets)))]
+        keys = [ks.rate, ks.bookings, ks.provider, *(ks.budget(i) for i in range(len(p.budgets)))]
         if p.concurrency is not None and p.concurrency.per_key:
             keys += [ks.leases, ks.meta, ks.waiters]
         return Plan(script("reset"), keys, [], int)
@@ -447,6 +455,7 @@ class AxesPlanner(Planner):
         c = p.concurrency
         keys = [ks.rate, ks.bookings, ks.leases, ks.meta, ks.waiters, ks.reservation(rid or "-")]
         keys += [ks.budget(i) for i in range(len(p.budgets))]
+        keys.append(ks.provider)
         args: list[str | int | float] = [
             check_now(now),
             cost,
@@ -465,6 +474,58 @@ class AxesPlanner(Planner):
             p.booking_horizon_ms,
         ]
         return keys, args
+
+    def report(self, name: str, key: str, report: ProviderReport, now: int | None = None) -> Plan[Reported]:
+        """What the provider said about (``name``, ``key``), for ``lua/op_report.lua``."""
+        p = self.policy(name)
+        check_key(key)
+        if not isinstance(report, ProviderReport):
+            raise ValueError(f"report must be a ProviderReport (taskgate.provider.parse), got {report!r}")
+        ks = keyset(self.prefix, p, key)
+        c = p.concurrency
+        req, tok = report.requests, report.tokens
+        hold, longest = report.hold_ms, p.provider.max_hold_ms
+        keys = [ks.provider, ks.meta, *(ks.budget(i) for i in range(len(p.budgets)))]
+        args: list[str | int | float] = [
+            check_now(now),
+            hold,
+            longest,
+            "1" if report.rate_limited else "0",
+            req.limit if req is not None and req.limit else -1,
+            req.remaining if req is not None and req.remaining is not None else -1,
+            req.window_ms if req is not None and req.window_ms else -1,
+            tok.remaining if tok is not None and tok.remaining is not None else -1,
+            c.min_limit if c else 0,
+            c.max_limit if c else 0,
+            p.provider.horizon_ms,
+            *_budget_args(p),
+        ]
+
+        def decode(raw: Sequence[Any]) -> Reported:
+            until, at = int(raw[0]), int(raw[1])
+            if hold > longest:
+                log.warning(
+                    "taskgate: the provider asked policy %r key %s to hold for %.0fs; capped at "
+                    "provider.maxHold %.0fs",
+                    name,
+                    key_text(key),
+                    hold / 1000,
+                    longest / 1000,
+                )
+            return Reported(
+                report,
+                until,
+                max(0, until - at) if until else 0,
+                hold > longest,
+                int(raw[2]),
+                int(raw[3]),
+                int(raw[4]) / 1000.0,
+                int(raw[5]),
+                int(raw[6]),
+                int(raw[7]),
+            )
+
+        return self._counted(p, "report", None, keys, args, decode, key)
 
     def _lease_set(self, lease: LeaseRef) -> tuple[Policy, list[str]]:
         p = self.policy(lease.policy)

@@ -37,6 +37,7 @@ from taskgate.admission import (
 from taskgate.backends._plan import AxesPlanner, HeartbeatReply, Plan, StatsBuffer, StatsDelta, WindowLease
 from taskgate.errors import BackendUnavailableError, TaskgateError
 from taskgate.policy import Policies, Policy
+from taskgate.provider import Reported, as_report
 from taskgate.types import Decision, Forecast, Settlement
 
 __all__ = ["AsyncRedisBackend", "RedisBackend", "redact"]
@@ -313,6 +314,23 @@ class RedisBackend(_Base):
         """Forget all state of ``key`` under ``policy``."""
         self._run(self._plan.reset(policy, key))
 
+    def report(
+        self,
+        policy: str,
+        key: str,
+        response: object = None,
+        *,
+        status: int | None = None,
+        retry_after: float | None = None,
+        now: int | None = None,
+    ) -> Reported:
+        """Tell the engine what the provider said about ``key`` (headers, a response, an SDK exception, or
+        ``status=429, retry_after=seconds``): a 429 holds the key for the whole fleet until its Retry-After,
+        reported limits pace it, a lower reported token remaining lowers its budgets, and a 429 shrinks an
+        adaptive concurrency limit. See :mod:`taskgate.provider`."""
+        r = as_report(response, status=status, retry_after=retry_after)
+        return self._run(self._plan.report(policy, key, r, now))
+
     def ping(self) -> None:
         try:
             self.client.ping()
@@ -499,6 +517,19 @@ class AsyncRedisBackend(_Base):
 
     async def reset(self, policy: str, key: str) -> None:
         await self._run(self._plan.reset(policy, key))
+
+    async def report(
+        self,
+        policy: str,
+        key: str,
+        response: object = None,
+        *,
+        status: int | None = None,
+        retry_after: float | None = None,
+        now: int | None = None,
+    ) -> Reported:
+        r = as_report(response, status=status, retry_after=retry_after)
+        return await self._run(self._plan.report(policy, key, r, now))
 
     async def ping(self) -> None:
         try:

@@ -56,7 +56,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, NoReturn, TypeVar
 from urllib.parse import urlsplit
 
 from tenacity import (
@@ -164,6 +164,13 @@ def parse_target(url: str) -> tuple[str, bool]:
     host = parts.hostname
     host = f"[{host}]" if ":" in host else host
     return f"{host}:{parts.port or DEFAULT_PORT}", parts.scheme == "grpcs"
+
+
+def _no_report() -> OperationNotSupportedError:
+    return OperationNotSupportedError(
+        "report() (what a provider said: 429s, rate-limit headers) needs the direct door: "
+        "connect to redis:// (or memory://); the gRPC service has no Report RPC yet"
+    )
 
 
 class _Base:
@@ -448,6 +455,10 @@ class ServiceBackend(_Base):
         """Forget all state of ``key`` under ``policy``."""
         self._run(Calls.reset(policy, key))
 
+    def report(self, policy: str, key: str, response: object = None, **kw: object) -> NoReturn:
+        """Not on the service door (the wire has no such RPC yet): raises OperationNotSupportedError."""
+        raise _no_report()
+
     def ping(self) -> None:
         """Raise BackendUnavailableError unless the service accepts a connection within ``timeout``."""
         try:
@@ -600,6 +611,9 @@ class AsyncServiceBackend(_Base):
 
     async def reset(self, policy: str, key: str) -> None:
         await self._run(Calls.reset(policy, key))
+
+    async def report(self, policy: str, key: str, response: object = None, **kw: object) -> NoReturn:
+        raise _no_report()
 
     async def ping(self) -> None:
         try:

@@ -39,7 +39,7 @@ def _read(name: str) -> str:
 
 
 StatsMode = Literal["off", "inline", "collect"]
-COUNTED_OPS = frozenset({"check", "admit", "release", "heartbeat", "debit", "reserve", "settle"})
+COUNTED_OPS = frozenset({"check", "admit", "release", "heartbeat", "debit", "reserve", "settle", "report"})
 
 
 @cache
@@ -98,7 +98,9 @@ def script(op: str, strategy: str | None = None, stats: StatsMode = "off", stats
 
 # Fragments beyond common + rate that an operation needs.
 _EXTRA_FRAGMENTS: dict[str, tuple[str, ...]] = {
-    "admit": ("conc.lua", "budget.lua"),
+    "check": ("provider.lua",),
+    "admit": ("conc.lua", "budget.lua", "provider.lua"),
+    "report": ("conc.lua", "budget.lua"),
     "release": ("conc.lua",),
     "heartbeat": ("conc.lua",),
     "debit": ("budget.lua",),

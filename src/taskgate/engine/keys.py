@@ -7,6 +7,7 @@ so a key can never close the hash tag or collide with another key's layout)::
     {prefix}:{P:K}:bk       bookings (sorted set token -> valid_at)
     {prefix}:{P:K}:b<i>     token budget i (hash: window start, charged)
     {prefix}:{P:K}:rv:<id>  one open reservation (hash: tokens, at, window start per budget)
+    {prefix}:{P:K}:pv       what the provider reported (hash: hold until, pacing; ``lua/provider.lua``)
     {prefix}:{P:K}:c        concurrency leases when the limit is per key (sorted set lease -> expiry)
     {prefix}:{P}:c          concurrency leases when the limit is policy-wide
     ...:cm, ...:cw          lease meta (adaptive limit, mean hold) and waiters, beside the leases
@@ -76,10 +77,13 @@ __all__ = [
 ]
 
 # The fixed set of counters of every bucket (names as stored, short: they are hash fields):
-# a allowed, dr/dc/dk denied by axis (rate/concurrency/cost), bk booked (denials that took a future slot),
-# w sum of retry_after_ms over denials, tr/tc/tf tokens reserved/charged/refunded,
-# la/lr/lx leases acquired/released/reclaimed.
-STATS_COUNTERS: tuple[str, ...] = ("a", "dr", "dc", "dk", "bk", "w", "tr", "tc", "tf", "la", "lr", "lx")
+# a allowed, dr/dc/dk/dp denied by axis (rate/concurrency/cost/provider: admit's provider hold or pacing;
+# check counts those under dr), bk booked (denials that took a future slot), w sum of retry_after_ms over
+# denials, tr/tc/tf tokens reserved/charged/refunded, la/lr/lx leases acquired/released/reclaimed,
+# pr 429s reported by the provider, ph ms of hold those reports added (extensions, never counted twice).
+STATS_COUNTERS: tuple[str, ...] = (
+    "a", "dr", "dc", "dk", "bk", "w", "tr", "tc", "tf", "la", "lr", "lx", "dp", "pr", "ph",
+)  # fmt: skip
 STATS_SLOTS = 60  # seconds kept one by one (older ones are rolled up into the totals)
 STATS_EPOCH_MS = 60_000  # a top set covers one minute; two are kept (this minute and the last)
 STATS_TOP = 32  # keys kept per top set (trimmed back to this when it doubles)
@@ -112,6 +116,11 @@ class KeySet:
     @property
     def bookings(self) -> str:
         return self.base + ":bk"
+
+    @property
+    def provider(self) -> str:
+        """The provider's hold and pacing for this (policy, key) (read by check and admit)."""
+        return self.base + ":pv"
 
     def reservation(self, rid: str) -> str:
         return f"{self.base}:rv:{rid}"

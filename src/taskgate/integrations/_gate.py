@@ -9,6 +9,16 @@ Order of policies: those served by ``admit`` (concurrency / budgets, releasable)
 policies last; if a later one denies, the earlier admissions are undone (slots released, reservations
 refunded). So all must admit, and a denial holds nothing. Short waits (<= ``short_wait_ms``) are waited out
 in place instead of a re-queue round trip.
+
+The provider (``taskgate.provider``): inside the task, ``taskgate.current().report(...)`` tells the engine
+what the provider said, for every policy of the task (or one, ``policy=``). When the body raises after a 429
+was reported, or raises an SDK rate-limit error (``openai.RateLimitError``, ``anthropic.RateLimitError``:
+reported here without user code), :meth:`AdmissionGroup.__exit__` raises :class:`ProviderDeferred` instead
+when the integration re-queues such tasks (``Gate(provider_deferral=True)``: Celery): it re-queues the task
+through its deferral path, until the hold ends, without using up its retries nor ``max_deferrals``. Past the
+policy's ``provider.maxDeferrals`` such deferrals of one task, it fails with
+:class:`~taskgate.errors.ThrottledError` naming them. Elsewhere (RQ for now) the 429 is reported (the fleet
+holds the key) and the body's error stands.
 """
 
 from __future__ import annotations
@@ -23,12 +33,15 @@ from typing import Any, Literal
 
 from taskgate.admission import Admission, _current, usage_tokens
 from taskgate.backends.waiting import WaitingRoom
-from taskgate.errors import BackendUnavailableError
+from taskgate.errors import BackendUnavailableError, TaskgateError, ThrottledError
 from taskgate.integrations.options import ThrottleOptions
 from taskgate.policy import DeferralSpec, Policy
+from taskgate.provider import Reported, as_report, is_rate_limit_error
 from taskgate.types import Decision, Settlement
 
-__all__ = ["AdmissionGroup", "Admitted", "DeferralState", "Deferred", "Gate", "Parked"]
+__all__ = [
+    "AdmissionGroup", "Admitted", "DeferralState", "Deferred", "Gate", "Parked", "ProviderDeferred"
+]  # fmt: skip
 
 log = logging.getLogger("taskgate")
 OUTAGE_BACKOFF_MS = (1000, 2000, 5000, 10_000, 30_000, 60_000)
@@ -42,6 +55,7 @@ class DeferralState:
     bookings: dict[str, str] = field(default_factory=dict)
     outages: int = 0
     promoted: str = ""  # the policy whose waiting room promoted this message (it carries that grant)
+    provider: int = 0  # deferrals after the task's own 429s (capped by the policy's provider.maxDeferrals)
 
     def as_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -51,6 +65,8 @@ class DeferralState:
         }
         if self.promoted:
             d["promoted"] = self.promoted
+        if self.provider:  # only once the provider refused the task: the header stays as it was otherwise
+            d["provider"] = self.provider
         return d
 
     @classmethod
@@ -63,16 +79,37 @@ class DeferralState:
             bookings={str(k): str(v) for k, v in b.items()} if isinstance(b, Mapping) else {},
             outages=int(d.get("outages", 0) or 0),
             promoted=str(d.get("promoted") or ""),
+            provider=int(d.get("provider", 0) or 0),
         )
 
 
 class AdmissionGroup:
-    """The admissions a task holds (one per policy). ``taskgate.current()`` inside the task returns it."""
+    """The admissions a task holds (one per policy). ``taskgate.current()`` inside the task returns it.
+    ``backend``, ``key``, ``policies`` (every policy of the task, rate-only ones too), ``state`` and ``task``
+    say where a provider's report goes and how the task is deferred after a 429 (see the module)."""
 
-    def __init__(self, admissions: Sequence[Admission], *, fail_open: bool = False) -> None:
+    def __init__(
+        self,
+        admissions: Sequence[Admission],
+        *,
+        fail_open: bool = False,
+        backend: Any = None,
+        key: str = "",
+        policies: Sequence[str] = (),
+        state: DeferralState | None = None,
+        task: str = "",
+        defer_on_429: bool = False,
+    ) -> None:
         self.admissions = list(admissions)
         self.fail_open = fail_open  # admitted without asking (store down, fail: open)
         self.settled: list[Settlement | Decision] = []
+        self.backend = backend
+        self.key = key
+        self.policies = list(policies)
+        self.state = state or DeferralState()
+        self.task = task
+        self.defer_on_429 = defer_on_429  # the integration re-queues on ProviderDeferred
+        self.reported: list[tuple[str, Reported]] = []  # (policy, what the engine made of a 429)
         self._token: Any = None
 
     @property
@@ -103,17 +140,89 @@ class AdmissionGroup:
             except BackendUnavailableError as e:  # the lease expires by its TTL
                 log.warning("taskgate: release failed (%s); the slot frees when its lease expires", e)
 
+    def report(
+        self,
+        response: object = None,
+        *,
+        status: int | None = None,
+        retry_after: float | None = None,
+        policy: str | None = None,
+    ) -> list[Reported]:
+        """Tell the engine what the provider said (headers, a response, an SDK exception, or ``status=429,
+        retry_after=seconds``) for the task's key under each of its policies (or ``policy`` only)."""
+        r = as_report(response, status=status, retry_after=retry_after)
+        if policy is not None and policy not in self.policies:
+            raise ValueError(f"report(policy={policy!r}): this task holds {self.policies or 'no policy'}")
+        targets = [policy] if policy is not None else self.policies
+        if self.backend is None or not targets:
+            raise RuntimeError(
+                "report(): this task was admitted without the store (fail: open, on_exhausted)"
+            )
+        out = [self.backend.report(name, self.key, r) for name in targets]
+        if r.rate_limited:
+            self.reported += zip(targets, out, strict=True)
+        return out
+
+    def _provider_deferral(self, e: object) -> Deferred | None:
+        """After the body raised ``e``: a Deferred if the provider refused it for rate (a 429 reported, or
+        an SDK rate-limit error, reported here), None for any other failure. Raises ThrottledError past the
+        policy's ``provider.maxDeferrals``."""
+        if e is None or self.backend is None or not self.policies:
+            return None
+        if not self.reported and is_rate_limit_error(e):
+            try:
+                self.report(e)
+            except TaskgateError as err:
+                log.warning("taskgate: could not report the provider's 429 for %s: %s", self.task, err)
+                return None
+        if not self.reported or not self.defer_on_429:
+            return None
+        ps = [self.backend.policy(n) for n in self.policies]
+        cap = min(p.provider.max_deferrals for p in ps)
+        name, worst = max(self.reported, key=lambda pr: pr[1].retry_after_ms)
+        if self.state.provider >= cap:
+            raise ThrottledError(
+                f"task {self.task} was refused by the provider (429) {self.state.provider + 1} times under "
+                f"policy {name!r}; provider.maxDeferrals={cap} reached",
+                None,
+            ) from (e if isinstance(e, BaseException) else None)
+        jitter = random.randint(0, max(p.deferral.jitter_ms for p in ps))
+        wait = worst.retry_after_ms or worst.report.hold_ms
+        s = self.state
+        nxt = DeferralState(s.deferrals, {}, 0, provider=s.provider + 1)
+        spec = self.backend.policy(name).deferral
+        return Deferred(wait + jitter, nxt, name, "provider", None, spec, reason="provider")
+
     def __enter__(self) -> AdmissionGroup:
         self._token = _current.set(self)
         return self
 
     def __exit__(self, et: object, e: object, tb: object) -> None:
+        deferral: Deferred | None = None
         try:
-            self.release(dropped=et is not None)
+            deferral = self._provider_deferral(e)
         finally:
-            if self._token is not None:
-                _current.reset(self._token)
-                self._token = None
+            try:
+                # a 429 already shrank an adaptive limit in the report: not a second time
+                self.release(dropped=et is not None and not self.reported)
+            finally:
+                if self._token is not None:
+                    _current.reset(self._token)
+                    self._token = None
+        if deferral is not None:
+            raise ProviderDeferred(deferral) from (e if isinstance(e, BaseException) else None)
+
+
+class ProviderDeferred(TaskgateError):
+    """Raised by :meth:`AdmissionGroup.__exit__` when the provider refused the task's call for rate: the
+    integration re-queues the task (``deferred``) instead of failing it. ``__cause__`` is the body's error."""
+
+    def __init__(self, deferred: Deferred) -> None:
+        super().__init__(
+            f"the provider refused the call for rate (policy {deferred.policy!r}): deferred by "
+            f"{deferred.countdown_ms} ms"
+        )
+        self.deferred = deferred
 
 
 @dataclass
@@ -129,7 +238,7 @@ class Deferred:
     axis: str
     decision: Decision | None
     deferral: DeferralSpec  # the deferral defaults of ``policy`` (max_deferrals, on_exhausted)
-    reason: str = "throttled"  # or "unavailable"
+    reason: str = "throttled"  # or "unavailable", or "provider" (the task's own 429: ProviderDeferred)
 
 
 @dataclass
@@ -182,9 +291,11 @@ class Gate:
         *,
         short_wait_ms: int = 250,
         sleep: Callable[[float], None] = time.sleep,
+        provider_deferral: bool = False,
     ) -> None:
         self._backend = backend
         self.short_wait_ms = short_wait_ms
+        self.provider_deferral = provider_deferral  # AdmissionGroup raises ProviderDeferred after a 429
         self.sleep = sleep
         self.stats = Stats()
 
@@ -254,12 +365,26 @@ class Gate:
                 if d.booked:
                     bookings[p.name] = d.booking_token
                 jitter = 0 if d.booked else random.randint(0, p.deferral.jitter_ms)
-                nxt = DeferralState(state.deferrals, bookings, 0)
+                nxt = DeferralState(state.deferrals, bookings, 0, provider=state.provider)
                 return Deferred(d.retry_after_ms + jitter, nxt, p.name, axis, d, p.deferral)
         except BackendUnavailableError as e:
             _undo(held)
             return self._outage(e, opts, ordered, current, state, bookings)
-        return Admitted(AdmissionGroup(held))
+        return Admitted(self._group(held, key, ordered, state, opts))
+
+    def _group(
+        self,
+        held: list[Admission],
+        key: str,
+        ordered: Sequence[Policy],
+        state: DeferralState,
+        opts: ThrottleOptions,
+    ) -> AdmissionGroup:
+        """What an admitted task holds (and, in the body, reports to: a 429 defers it, see the module)."""
+        return AdmissionGroup(
+            held, backend=self.backend, key=key, policies=[p.name for p in ordered], state=state,
+            task=opts.task, defer_on_429=self.provider_deferral,
+        )  # fmt: skip
 
     def _outage(
         self,
@@ -282,7 +407,7 @@ class Gate:
             opts.task,
             wait / 1000,
         )
-        nxt = DeferralState(state.deferrals, bookings, state.outages + 1)
+        nxt = DeferralState(state.deferrals, bookings, state.outages + 1, provider=state.provider)
         return Deferred(wait, nxt, current.name, "unavailable", None, current.deferral, reason="unavailable")
 
     def enter_room(
@@ -348,7 +473,7 @@ class Gate:
             _undo(held)
             return self._outage(e, opts, ordered, current, state, {})
         self.stats.note("admitted")
-        return Admitted(AdmissionGroup(held))
+        return Admitted(self._group(held, key, ordered, state, opts))
 
     def enter_at_send(
         self,

@@ -32,6 +32,8 @@ class Runtime:
 
     SETTINGS: ClassVar[Mapping[str, Any]] = {}
     where: ClassVar[str] = "taskgate"  # names the caller in errors
+    # a task whose body met the provider's 429 is deferred, not failed (the queue knows how: Celery so far)
+    PROVIDER_DEFERRAL: ClassVar[bool] = False
 
     def __init__(self, backend: Any, policies: PolicySource, settings: Mapping[str, Any]) -> None:
         self.check_settings(settings)
@@ -42,7 +44,8 @@ class Runtime:
         self._pid = -1
         self._lock = threading.Lock()
         self.settings: dict[str, Any] = {**self.SETTINGS, **settings}
-        self.gate = Gate(self.door, short_wait_ms=int(self.settings.get("short_wait_ms", 250)))
+        short = int(self.settings.get("short_wait_ms", 250))
+        self.gate = Gate(self.door, short_wait_ms=short, provider_deferral=self.PROVIDER_DEFERRAL)
         self._room: WaitingRoom | None = None
         self._room_pid = -1
 

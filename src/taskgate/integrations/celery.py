@@ -35,6 +35,7 @@ How it works:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -53,7 +54,15 @@ except ImportError as e:  # pragma: no cover - depends on the install
     raise ImportError(f"taskgate.celery needs Celery: pip install 'taskgate[celery]' ({e})") from e
 
 from taskgate.backends.waiting import Promoted
-from taskgate.integrations._gate import AdmissionGroup, Admitted, DeferralState, Deferred, Parked
+from taskgate.integrations._gate import (
+    AdmissionGroup,
+    Admitted,
+    DeferralState,
+    Deferred,
+    Parked,
+    ProviderDeferred,
+    _undo,
+)
 from taskgate.integrations._runtime import Runtime
 from taskgate.integrations.options import OPTION_NAMES, ThrottleOptions, check_option_names, parse_options
 from taskgate.integrations.waiting import Promoter
@@ -96,6 +105,7 @@ class CeleryRuntime(Runtime):
         "gate_on_send": True,
     }
     where = "taskgate.celery.install()"
+    PROVIDER_DEFERRAL = True
 
     def __init__(
         self, app: Celery, backend: Any, policies: PolicySource, defaults: Mapping[str, Any]
@@ -412,10 +422,15 @@ def throttled_call(
         if req.is_eager:  # no re-publish in eager mode: wait and ask again
             _signal_throttled(task, out, out.countdown_ms / 1000.0, deferrals)
             time.sleep(out.countdown_ms / 1000.0)
-            state = DeferralState(deferrals, out.state.bookings, out.state.outages)
+            state = dataclasses.replace(out.state, deferrals=deferrals)
             continue
         _defer(task, rt, out, deferrals)
-    return _run_admitted(task, call, args, kwargs, out.group, opts, state.deferrals)
+    try:
+        return _run_admitted(task, call, args, kwargs, out.group, opts, state.deferrals)
+    except ProviderDeferred as pd:  # the provider said 429: re-queued until its hold ends, not failed
+        if req.is_eager:
+            raise pd.__cause__ or pd from None
+        _defer(task, rt, pd.deferred, state.deferrals)
 
 
 def _run_admitted(
@@ -448,7 +463,7 @@ def _through_room(
 ) -> Any:
     """Admit, or park in the waiting room and ack; run the task if admitted, then hand on a freed slot."""
     req = task.request
-    nxt = DeferralState(state.deferrals + 1, {}, 0)
+    nxt = DeferralState(state.deferrals + 1, {}, 0, provider=state.provider)
     headers = dict(req.headers or {})
     headers[HEADER] = nxt.as_dict()
     sig = task.signature_from_request(req, queue=_queue_of(task), retries=req.retries, headers=headers)
@@ -473,6 +488,8 @@ def _through_room(
     freed = [(a.policy, a.key) for a in out.group.admissions if a.lease_id]
     try:
         return _run_admitted(task, call, args, kwargs, out.group, opts, state.deferrals)
+    except ProviderDeferred as pd:  # the provider said 429: back into the waiting room until its hold ends
+        _park_again(task, rt, opts, args, kwargs, pd.deferred, sig)
     finally:
         for policy, key in freed:  # the freed slot goes to the oldest waiter now, not at the next round
             try:
@@ -481,6 +498,34 @@ def _through_room(
                 log.warning(
                     "taskgate: handing on the slot of policy %r failed (%s); the promoter will", policy, e
                 )
+
+
+def _park_again(
+    task: Task,
+    rt: CeleryRuntime,
+    opts: ThrottleOptions,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    out: Deferred,
+    sig: Any,
+) -> NoReturn:
+    """Park a task that ran and met the provider's 429 (its hold now denies the key): it waits in the room
+    of the policy that was refused and is promoted when the hold ends; its own retries are untouched."""
+    req = task.request
+    p = rt.backend.policy(out.policy)
+    key = opts.key_for(args, kwargs)
+    cost = opts.units_for("cost", args, kwargs) if p.rate else 1
+    tokens = opts.units_for("tokens", args, kwargs) if p.budgets else 0
+    headers = dict(sig.options.get("headers") or {})
+    headers[HEADER] = out.state.as_dict()
+    sig = sig.clone(headers=headers)
+    e = rt.room().enter(p.name, key, str(req.id), _payload(task, sig), cost, tokens, dedupe=False)
+    if e.status != "parked":  # the hold has ended already: re-published, as without the room
+        if e.admission is not None:
+            _undo([e.admission])
+        _defer(task, rt, out, out.state.deferrals)
+    _signal_throttled(task, out, out.countdown_ms / 1000.0, out.state.deferrals)
+    raise Ignore()
 
 
 def _queue_of(task: Task) -> str:
@@ -503,7 +548,7 @@ def _queue_of(task: Task) -> str:
 def _defer(task: Task, rt: CeleryRuntime, out: Deferred, deferrals: int) -> NoReturn:
     req = task.request
     countdown = min(out.countdown_ms / 1000.0, rt.max_countdown_s())
-    state = DeferralState(deferrals, out.state.bookings, out.state.outages)
+    state = dataclasses.replace(out.state, deferrals=deferrals)
     headers = dict(req.headers or {})
     headers[HEADER] = state.as_dict()
     sig = task.signature_from_request(req, retries=req.retries, countdown=countdown, headers=headers)

@@ -3,13 +3,26 @@
 -- Meta hash: lim (adaptive limit, float), hold (EWMA of hold time ms), rc (leases reclaimed).
 -- Waiters: sorted set holder -> when it was told to come back (trimmed on use); meta wq: the return cursor.
 -- Adaptive limit (min < max): starts at max; a clean release adds 1/floor(lim) (about +1 per `lim` clean
--- releases); a dropped release multiplies by 0.75 (AIMD); always clamped to [min, max].
+-- releases); a dropped release or a 429 reported (op_report) multiplies by 0.75 (AIMD); always clamped to
+-- [min, max].
 
 local function conc_limit(meta, minl, maxl)
   local lim = tonumber(redis.call('HGET', meta, 'lim'))
   if lim == nil then lim = maxl end
   if lim < minl then lim = minl end
   if lim > maxl then lim = maxl end
+  return lim
+end
+
+-- One AIMD step of the adaptive limit (min < max): a clean release adds 1/floor(lim); a drop (a release with
+-- dropped=1, a 429 reported by the provider) multiplies it by 0.75. Returns the new limit.
+local function conc_adapt(meta, minl, maxl, dropped)
+  local lim = conc_limit(meta, minl, maxl)
+  if dropped then lim = lim * 0.75 else lim = lim + 1 / math.floor(lim) end
+  if lim < minl then lim = minl end
+  if lim > maxl then lim = maxl end
+  redis.call('HSET', meta, 'lim', string.format('%.17g', lim))
+  tg_pexpire(meta, 7 * 86400000)
   return lim
 end
 

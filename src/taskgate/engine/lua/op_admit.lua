@@ -1,14 +1,15 @@
 -- op admit: rate x concurrency x cost in ONE atomic decision. Nothing is consumed unless every axis admits
 -- (the one exception: with book=1 a rate denial within the booking horizon books the rate slot).
 -- KEYS  [1] rate  [2] bookings  [3] leases  [4] lease meta  [5] waiters  [6] reservation
---       [7 .. 6+nb] budgets
+--       [7 .. 6+nb] budgets  [7+nb] provider key (provider.lua)
 -- ARGV  [1] now (0 = TIME)  [2] cost (rate units)  [3] tokens (cost axis)  [4] holder ("" = no concurrency)
 --       [5] lease ttl ms  [6] min limit  [7] max limit  [8] accounting e|d  [9] book 1|0
 --       [10] booking token ("" none)  [11] booking grace ms  [12] reservation ttl ms  [13] nb
 --       [14 .. 13+2nb] budget, window ms (pairs)  [14+2nb ..] rate params (see the rate fragment)
 -- Reply {allowed, limit, remaining, reset_at, retry_after, booked, token, axis, lease, lease_expires_at,
---        reserved_tokens}  axis = "rate"|"concurrency"|"cost" on a denial; on success the axis reported in
---        the Decision fields ("concurrency" if present, else "cost", else "rate").
+--        reserved_tokens}  axis = "provider"|"rate"|"concurrency"|"cost" on a denial (a provider hold or
+--        pacing is asked first; nothing else is touched then); on success the axis reported in the Decision
+--        fields ("concurrency" if present, else "cost", else "rate").
 -- Counters (policy `counters: true`): stats.lua wraps this body and adds its KEYS and one ARGV after these.
 local now = tg_now(ARGV[1])
 local cost, tokens, holder = tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
@@ -17,10 +18,15 @@ local escrow, book, token = ARGV[8] == 'e', ARGV[9] == '1', ARGV[10]
 local grace, res_ttl, nb = tonumber(ARGV[11]), tonumber(ARGV[12]), tonumber(ARGV[13])
 local P = rate_params(ARGV, 14 + 2 * nb)
 local K_rate, K_bk, K_leases, K_meta, K_wait, K_res = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local K_pv = KEYS[7 + nb]
 
 local function deny(d, axis)
   return { 0, d[2], d[3], d[4], math.max(1, d[5]), d[6] or 0, d[7] or '', axis, '', 0, 0 }
 end
+
+-- the provider's hold and pacing first
+local pv = pv_look(K_pv, now, true)
+if pv ~= nil and pv.allowed == 0 then return deny({ 0, pv.cap, 0, pv.at, pv.wait }, 'provider') end
 
 -- rate axis (non-consuming look first)
 local paid = false
@@ -88,6 +94,7 @@ if paid then
 else
   out = rate_decide(K_rate, now, cost, P, true, false)
 end
+pv_take(K_pv, pv)
 local axis = 'rate'
 local reserved = 0
 if nb > 0 then

@@ -22,12 +22,6 @@ if acquired ~= nil and now >= acquired then
   if hold == nil then hold = held else hold = hold * 0.8 + held * 0.2 end
   redis.call('HSET', KEYS[2], 'hold', string.format('%.17g', hold))
 end
-if minl < maxl then
-  local lim = conc_limit(KEYS[2], minl, maxl)
-  if dropped then lim = lim * 0.75 else lim = lim + 1 / math.floor(lim) end
-  if lim < minl then lim = minl end
-  if lim > maxl then lim = maxl end
-  redis.call('HSET', KEYS[2], 'lim', string.format('%.17g', lim))
-end
+if minl < maxl then conc_adapt(KEYS[2], minl, maxl, dropped) end
 tg_pexpire(KEYS[2], 7 * 86400000)
 return 1

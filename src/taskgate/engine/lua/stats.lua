@@ -10,7 +10,8 @@
 -- Counted: check (not peek) and admit, debit, reserve: allowed, or denied by axis (+ booked when the denial
 -- took a future slot, + its retry_after_ms); admit: leases acquired, tokens reserved (escrow); debit: tokens
 -- charged; reserve: tokens reserved; settle: tokens charged (an excess) or refunded; release: a lease
--- released; reclaimed leases wherever conc.lua reclaims them (admit's reaping, release, heartbeat).
+-- released; reclaimed leases wherever conc.lua reclaims them (admit's reaping, release, heartbeat); report:
+-- a 429 reported, and the ms of hold it added.
 --
 -- KEYS  mode inline: the op's keys, then the policy's [counts, denied0, denied1, spent0, spent1] (NSK = 5), or
 --       the first three (NSK = 3) for a policy without a token budget (it never spends)
@@ -113,12 +114,15 @@ local function stats_finish(op, r)
       stats_add('tf', r[9])
     elseif op == 'release' then
       if r == 1 then stats_add('lr', 1) end
+    elseif op == 'report' then
+      if ARGV[4] == '1' then stats_add('pr', 1) end
+      stats_add('ph', r[9])
     end
     if allowed == true then
       stats_add('a', 1)
     elseif allowed == false then
       if axis == 'concurrency' then stats_add('dc', 1) elseif axis == 'cost' then stats_add('dk', 1)
-      else stats_add('dr', 1) end
+      elseif axis == 'provider' then stats_add('dp', 1) else stats_add('dr', 1) end
       stats_add('w', retry)
       if sa ~= '' then D = { [sa] = 1 } end
     end
