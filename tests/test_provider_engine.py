@@ -277,6 +277,7 @@ def test_counters_top_and_metrics_show_the_provider(b: taskgate.RedisBackend) ->
     first = b.report("llm", "acme", status=429, retry_after=30)
     assert b.report("llm", "acme", status=429, retry_after=20).hold_until == first.hold_until  # adds nothing
     assert b.admit("llm", "acme").binding_axis == "provider"
+    b.flush_stats()  # on a cluster the counters are collected and sent later
     snap = read_snapshot(b.client, b.policies, b.prefix)
     p = snap.policy("llm")
     assert (p.totals.provider_429s, p.totals.provider_hold_ms, p.totals.denied_provider) == (2, 30_000, 1)

@@ -47,7 +47,7 @@ class ClusterRedisBackend(RedisBackend):
         self, policy: str, keys: Sequence[str], cost: int = 1, *, now: int | None = None
     ) -> list[Decision]:
         plan = self._plan.check_many(policy, keys, cost, now)  # validates everything first
-        groups = _groups(self.client, plan.keys)
+        groups = _groups(self.client, plan.keys[: len(keys)])  # the rate keys (provider keys follow)
         if len(groups) <= 1:
             return self._run(plan)
         if now is None:
@@ -72,7 +72,7 @@ class AsyncClusterRedisBackend(AsyncRedisBackend):
         self, policy: str, keys: Sequence[str], cost: int = 1, *, now: int | None = None
     ) -> list[Decision]:
         plan = self._plan.check_many(policy, keys, cost, now)
-        groups = _groups(self.client, plan.keys)
+        groups = _groups(self.client, plan.keys[: len(keys)])  # the rate keys (provider keys follow)
         if len(groups) <= 1:
             return await self._run(plan)
         if now is None:

@@ -100,15 +100,15 @@ def script(op: str, strategy: str | None = None, stats: StatsMode = "off", stats
 _EXTRA_FRAGMENTS: dict[str, tuple[str, ...]] = {
     "check": ("provider.lua",),
     "admit": ("conc.lua", "budget.lua", "provider.lua"),
-    "report": ("conc.lua", "budget.lua"),
+    "report": ("conc.lua", "budget.lua", "provider.lua"),
     "release": ("conc.lua",),
     "heartbeat": ("conc.lua",),
     "debit": ("budget.lua",),
     "lease_budget": ("budget.lua",),
     "reserve": ("budget.lua",),
     "settle": ("budget.lua",),
-    "enter": ("conc.lua", "budget.lua", "room.lua"),
-    "promote": ("conc.lua", "budget.lua", "room.lua"),
+    "enter": ("conc.lua", "budget.lua", "provider.lua", "room.lua"),
+    "promote": ("conc.lua", "budget.lua", "provider.lua", "room.lua"),
     "claim": ("room.lua",),
 }
 # Waiting-room operations that admit (they embed op admit) and those that need no rate fragment.

@@ -43,7 +43,7 @@ local plimit = tonumber(redis.call('HGET', K, 'lim')) or 0
 if rlimit > 0 and rwin > 0 then
   local niv = rwin / rlimit
   local mr = tonumber(redis.call('HGET', K, 'mr'))
-  if mr == nil or iv == nil or math.abs(niv - iv) > tg_tol(iv) then mr = -1 end  -- a new limit: observe again
+  if mr == nil or iv == nil or math.abs(niv - iv) > pv_tol(iv) then mr = -1 end  -- a new limit: observe again
   if rrem > mr then mr = rrem end
   iv, cap, plimit = niv, rlimit, rlimit
   if mr >= 0 and mr + 1 < cap then cap = mr + 1 end

@@ -19,6 +19,13 @@
 -- all at the hold's end (it writes only on a denial). Slots are handed out up to hz ms ahead (the policy's
 -- provider.horizon); a caller beyond it is told to come back then and ask again, so a backlog that waits
 -- follows a raised limit within hz instead of keeping the return times of the old one.
+-- Pacing is taskgate's own (not a ThrottleKit decision): its comparisons forgive a few ulps of float error.
+local function pv_tol(x)
+  local a = math.abs(x)
+  if a < 1 then a = 1 end
+  return a * 8e-16 + 1e-9
+end
+
 local function pv_look(key, now, spread)
   local h = redis.call('HMGET', key, 'u', 'iv', 'cap', 'tat', 'wq', 'hz')
   if h[1] == false and h[2] == false then return nil end
@@ -30,7 +37,7 @@ local function pv_look(key, now, spread)
     at = u
   elseif iv ~= nil then
     local over = tat + iv - now - cap * iv
-    if over > tg_tol(tat) then at = now + math.max(1, tg_ceil(over)) end
+    if over > pv_tol(tat) then at = now + math.max(1, math.ceil(over - pv_tol(over))) end
   end
   if at == nil then
     if iv == nil then return nil end
