@@ -12,7 +12,7 @@ import math
 import mmap
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import rq
@@ -31,9 +31,8 @@ from taskgate.integrations._runtime import Runtime
 from taskgate.integrations.options import ThrottleOptions
 from taskgate.integrations.rq.horse import _RESTORED, _VERDICT, Job, _Verdict
 from taskgate.integrations.rq.jobs import META_AT_FRONT, META_STATE, options_of
-from taskgate.integrations.rq.room import payload, quiet, room_id, send_promoted
+from taskgate.integrations.rq.room import RqPromoter, payload, quiet, room_id, send_promoted
 from taskgate.integrations.rq.scheduler import ThreadScheduler
-from taskgate.integrations.waiting import Promoter
 from taskgate.policy import PolicySource
 
 __all__ = ["RqRuntime", "SimpleWorker", "Worker", "configure"]
@@ -122,7 +121,7 @@ class _GatedWorker(rq.worker.BaseWorker):
             policies if policies is not None else _defaults["policies"],
             {**_defaults["settings"], **(settings or {})},
         )
-        self.promoter = Promoter(self.taskgate.room, self._send_promoted)
+        self.promoter = RqPromoter(self.taskgate.room, self._send_promoted)
 
     # hooks (no-ops): subclass for metrics
     def job_admitted(self, job: rq.job.Job, out: Admitted) -> None:
@@ -254,6 +253,8 @@ class _GatedWorker(rq.worker.BaseWorker):
                 out.policy,
                 out.depth,
             )
+            if out.depth == 1:  # the first waiter: its room is due soon, wake this worker's promoter
+                self.promoter.wake()
         self._hook(self.job_parked, job, out)
 
     def _hand_on(self, freed: list[tuple[str, str]]) -> None:
@@ -266,7 +267,7 @@ class _GatedWorker(rq.worker.BaseWorker):
                     "taskgate: handing on the slot of policy %r failed (%s); the promoter will", policy, e
                 )
 
-    def _send_promoted(self, policy: str, key: str, t: Promoted) -> None:
+    def _send_promoted(self, policy: str, key: str, tasks: Sequence[Promoted]) -> None:
         send_promoted(
             self.connection,
             self.job_class,
@@ -275,7 +276,7 @@ class _GatedWorker(rq.worker.BaseWorker):
             self.taskgate.room(),
             policy,
             key,
-            t,
+            tasks,
         )
 
     def _decide(self, job: rq.job.Job, queue: rq.Queue, opts: ThrottleOptions) -> Admitted | Deferred:
