@@ -121,6 +121,7 @@ class _GatedWorker(rq.worker.BaseWorker):
             policies if policies is not None else _defaults["policies"],
             {**_defaults["settings"], **(settings or {})},
         )
+        self._warned_rate_limit = False
         self.promoter = RqPromoter(self.taskgate.room, self._send_promoted)
 
     # hooks (no-ops): subclass for metrics
@@ -177,6 +178,14 @@ class _GatedWorker(rq.worker.BaseWorker):
             opts = options_of(job)
             if opts is None:
                 return self._run(job, queue, _Verdict())
+            if getattr(job, "has_rate_limit", False) and not self._warned_rate_limit:
+                self._warned_rate_limit = True
+                log.warning(
+                    "taskgate: job %s[%s] has RQ's own rate_limit= as well as a taskgate policy: the two "
+                    "limits count each other's waiting jobs: drop rate_limit=",
+                    job.func_name,
+                    job.id,
+                )
             roomed = self._parks(opts, job)
             out = self._enter_room(job, queue, opts) if roomed else self._decide(job, queue, opts)
         except Exception as e:  # bad options or arguments, unknown policy: the job fails, naming it
