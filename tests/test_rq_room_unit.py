@@ -4,6 +4,9 @@ embedded ``memory://`` store (``deferral.park: always``). The real forking worke
 
 from __future__ import annotations
 
+import itertools
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -22,14 +25,18 @@ POLICIES: dict[str, Any] = {
     "held": {"concurrency": {"maxLimit": 1, "leaseTtl": "10s"}, "deferral": {"park": "always"}},
     "paced": {"strategy": "gcra", "limit": 1, "period": "1h", "burst": 1, "deferral": {"park": "always"}},
 }
+FAST: dict[str, Any] = {  # the same names, for the test in real time
+    "held": POLICIES["held"],
+    "paced": {"strategy": "gcra", "limit": 10, "period": "1s", "burst": 1, "deferral": {"park": "always"}},
+}
 
 
 class Env:
-    def __init__(self) -> None:
+    def __init__(self, policies: dict[str, Any] = POLICIES) -> None:
         self.conn = fakeredis.FakeRedis(server=fakeredis.FakeServer())
         self.prefix = f"t{uuid.uuid4().hex[:8]}"
         jobs.PREFIX = self.prefix
-        self.backend = taskgate.connect(f"memory://{uuid.uuid4().hex}", POLICIES, prefix=self.prefix)
+        self.backend = taskgate.connect(f"memory://{uuid.uuid4().hex}", policies, prefix=self.prefix)
         self.q = Queue("q", connection=self.conn)
         self.w = jobs.RoomSimpleWorker(
             [self.q], connection=self.conn, backend=self.backend, settings={"short_wait_ms": 0}
@@ -111,3 +118,44 @@ def test_a_rate_room_is_promoted_when_due(env: Env) -> None:
     _, due, rooms = room.due_rooms(now=now)
     assert rooms == []
     assert due >= now + 3_500_000
+
+
+def test_a_promoted_job_that_is_gone_gives_its_grant_back(env: Env) -> None:
+    """A job deleted from RQ while it waits: when promoted, its grant is claimed and released (the slot is
+    not held for nobody), and nothing is queued."""
+    hog = env.backend.admit("held", "*")
+    job = env.q.enqueue(jobs.held, 0)
+    env.work()
+    assert env.depth() == 1
+    env.conn.delete(job.key)
+    hog.release()
+    assert env.w.promoter.hand_off("held", "*") == 1
+    assert env.q.count == 0
+    assert env.w.taskgate.room().stats("held", "*").handoff == 0
+    assert env.backend.admit("held", "*").allowed  # the slot is free
+
+
+def test_the_promoter_thread_drains_a_room_at_its_rate(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SimpleWorker in a thread, its promoter a thread of its own: 12 jobs at 10/s (park always, no wait in
+    place) all run once, in order, no two starts closer than the rate allows (less 20 ms for the clock)."""
+    monkeypatch.setattr(tgworker, "_defaults", {"backend": None, "policies": None, "settings": {}})
+    env = Env(FAST)
+    w = env.w
+    w.scheduler_interval = 0.2
+    batch = [env.q.enqueue(jobs.paced, i) for i in range(12)]
+    t = threading.Thread(target=w.work, kwargs={"with_scheduler": True}, daemon=True)
+    t.start()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and len(env.starts()) < 12:
+        time.sleep(0.05)
+    w.stop()
+    env.q.enqueue(jobs.paced, 99, job_id="wake")  # wakes the blocking dequeue
+    t.join(10)
+    assert not t.is_alive()
+    assert w.promoter._thread is None  # stopped with the worker
+    got = [r for r in env.records() if r[0] != "wake"]
+    assert [int(r[3]) for r in got] == list(range(12))
+    times = [float(r[1]) for r in got]
+    assert min(b - a for a, b in itertools.pairwise(times)) >= 0.08
+    assert {j.get_status(refresh=True) for j in batch} == {JobStatus.FINISHED}
+    env.backend.close()
