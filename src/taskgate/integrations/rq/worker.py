@@ -250,7 +250,8 @@ class _GatedWorker(rq.worker.BaseWorker):
             p.execute()
         if out.duplicate:
             log.info(
-                "taskgate: job %s[%s] is a duplicate message (it waits, or ran): dropped",
+                "taskgate: job %s[%s] is a duplicate message (it waits, is on its way or ran through a "
+                "waiting room in the last 24 h): dropped; to run a job again, enqueue it with a new id",
                 job.func_name,
                 job.id,
             )
