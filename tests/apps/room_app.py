@@ -48,6 +48,8 @@ app.conf.update(
     worker_prefetch_multiplier=4,
     worker_hijack_root_logger=False,
     task_ignore_result=True,
+    task_acks_late=os.environ.get("TG_ACKS_LATE") == "1",
+    task_reject_on_worker_lost=os.environ.get("TG_ACKS_LATE") == "1",
 )
 taskgate.celery.install(
     app, taskgate.connect(os.environ.get("TG_STORE", "redis://127.0.0.1:6379/9"), POLICIES, prefix=PREFIX)

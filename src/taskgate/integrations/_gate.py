@@ -294,11 +294,15 @@ class Gate:
         state: DeferralState,
         task_id: str,
         payload: bytes,
+        *,
+        redelivered: bool = False,
     ) -> Admitted | Parked | Deferred:
         """Like :meth:`enter`, with the engine's waiting room: a task that may not run now (after at most
         ``short_wait_ms`` in place) is parked, atomically with its decision, and comes back admitted. A
         message promoted from a room claims its grant there instead of paying again. An original message
-        is recognised if its task already waits or ran (a redelivery after a crash between park and ack)."""
+        is recognised if its task already waits or ran (a redelivery after a crash between park and ack).
+        ``redelivered``: the broker gives this message again after its worker died running it (acks_late):
+        its grant was claimed by that run, so it is admitted afresh, like any task, instead of dropped."""
         key = opts.key_for(args, kwargs)
         cost = opts.units_for("cost", args, kwargs)
         tokens = opts.units_for("tokens", args, kwargs)
@@ -318,7 +322,7 @@ class Gate:
                         if c.wait_ms > 0:  # a rate slot booked ahead by the promoter: start at the slot
                             self.sleep(c.wait_ms / 1000.0)
                         continue
-                    if c.status == "duplicate":
+                    if c.status == "duplicate" and not redelivered:
                         _undo(held)
                         self.stats.note("duplicate")
                         return Parked(p.name, 0, "", duplicate=True)
@@ -328,7 +332,7 @@ class Gate:
                     left = int((deadline - time.monotonic()) * 1000)
                     e = room.enter(
                         p.name, key, task_id, payload, *units, park_over_ms=max(left, -1),
-                        dedupe=not state.promoted,
+                        dedupe=not (state.promoted or redelivered),
                     )  # fmt: skip
                     if e.status != "denied":
                         break

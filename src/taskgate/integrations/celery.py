@@ -38,7 +38,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NoReturn
 
 try:
     from celery import Celery, Task, signals
@@ -415,12 +415,25 @@ def throttled_call(
             state = DeferralState(deferrals, out.state.bookings, out.state.outages)
             continue
         _defer(task, rt, out, deferrals)
-    with out.group:
-        task_admitted.send(sender=task, task_id=req.id, policies=opts.policies, deferrals=state.deferrals)
+    return _run_admitted(task, call, args, kwargs, out.group, opts, state.deferrals)
+
+
+def _run_admitted(
+    task: Task,
+    call: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    group: AdmissionGroup,
+    opts: ThrottleOptions,
+    deferrals: int,
+) -> Any:
+    """Run the body holding what the task was granted (released when it ends)."""
+    with group:
+        task_admitted.send(sender=task, task_id=task.request.id, policies=opts.policies, deferrals=deferrals)
         try:
             return call(task, *args, **kwargs)
         except _CLEAN_EXC:
-            out.group.release(dropped=False)
+            group.release(dropped=False)
             raise
 
 
@@ -439,7 +452,10 @@ def _through_room(
     headers = dict(req.headers or {})
     headers[HEADER] = nxt.as_dict()
     sig = task.signature_from_request(req, queue=_queue_of(task), retries=req.retries, headers=headers)
-    out = rt.gate.enter_room(rt.room(), opts, args, kwargs, state, str(req.id), _payload(task, sig))
+    again = bool((req.delivery_info or {}).get("redelivered")) and bool(task.acks_late)
+    out = rt.gate.enter_room(
+        rt.room(), opts, args, kwargs, state, str(req.id), _payload(task, sig), redelivered=again
+    )
     if isinstance(out, Deferred):  # the store is down (fail: closed)
         _defer(task, rt, out, state.deferrals)
     if isinstance(out, Parked):
@@ -454,16 +470,9 @@ def _through_room(
                 deferrals=nxt.deferrals, decision=None,
             )  # fmt: skip
         raise Ignore()
-    assert isinstance(out, Admitted)
     freed = [(a.policy, a.key) for a in out.group.admissions if a.lease_id]
     try:
-        with out.group:
-            task_admitted.send(sender=task, task_id=req.id, policies=opts.policies, deferrals=state.deferrals)
-            try:
-                return call(task, *args, **kwargs)
-            except _CLEAN_EXC:
-                out.group.release(dropped=False)
-                raise
+        return _run_admitted(task, call, args, kwargs, out.group, opts, state.deferrals)
     finally:
         for policy, key in freed:  # the freed slot goes to the oldest waiter now, not at the next round
             try:
@@ -491,7 +500,7 @@ def _queue_of(task: Task) -> str:
     return str(task.app.conf.task_default_queue)
 
 
-def _defer(task: Task, rt: CeleryRuntime, out: Deferred, deferrals: int) -> None:
+def _defer(task: Task, rt: CeleryRuntime, out: Deferred, deferrals: int) -> NoReturn:
     req = task.request
     countdown = min(out.countdown_ms / 1000.0, rt.max_countdown_s())
     state = DeferralState(deferrals, out.state.bookings, out.state.outages)
