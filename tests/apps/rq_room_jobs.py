@@ -78,3 +78,9 @@ def flaky(n: int) -> int:
     if job.retries_left:
         raise RuntimeError("the first attempt fails on purpose")
     return n
+
+
+@taskgate.rq.throttled("held")
+def boom(n: int) -> int:
+    record("start")
+    raise RuntimeError("fails on purpose")

@@ -7,7 +7,8 @@ A job whose policy parks is decided in the worker, before its horse, by :meth:`G
 - parked: it is taken out of RQ's intermediate queue (no failure, no retry used) and its status becomes
   ``scheduled`` (it waits to be put back on its queue, as a deferred job does; it is in no RQ registry);
   the job itself stays in RQ's hash, the room holds its queue name and id (:func:`payload`);
-- a duplicate message (the job waits or was promoted, or its promoted run was claimed): dropped unrun.
+- a duplicate message (the job waits or was promoted, or its promoted run was claimed): dropped unrun;
+  but a job whose last run failed, requeued (``job.requeue()``), is a new attempt.
 
 The promoter of any worker puts a promoted job back at the front of its queue (status ``queued``) with
 ``job.meta["taskgate_state"]["promoted"]`` naming the policy, so the worker that takes it claims the grant

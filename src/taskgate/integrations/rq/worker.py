@@ -20,6 +20,7 @@ import rq.job
 import rq.worker
 from redis.exceptions import RedisError
 from rq.job import JobStatus
+from rq.results import Result
 from rq.scheduler import SCHEDULER_KEY_TEMPLATE, RQScheduler
 from rq.timeouts import TimerDeathPenalty, UnixSignalDeathPenalty
 from rq.utils import as_text, import_job_class, utcparse
@@ -233,9 +234,10 @@ class _GatedWorker(rq.worker.BaseWorker):
     ) -> Admitted | Deferred | Parked:
         rt = self.taskgate
         state = DeferralState.from_dict(job.meta.get(META_STATE))
-        out = rt.gate.enter_room(
-            rt.room(), opts, job.args, job.kwargs, state, room_id(job), payload(job, queue.name)
-        )
+        args = (rt.room(), opts, job.args, job.kwargs, state, room_id(job), payload(job, queue.name))
+        out = rt.gate.enter_room(*args)
+        if isinstance(out, Parked) and out.duplicate and _requeued(job, state):
+            out = rt.gate.enter_room(*args, redelivered=True)  # a new attempt, like any job
         if isinstance(out, Admitted):
             quiet(out.group)  # the horse heartbeats its leases, not the worker
         return out
@@ -251,7 +253,7 @@ class _GatedWorker(rq.worker.BaseWorker):
         if out.duplicate:
             log.info(
                 "taskgate: job %s[%s] is a duplicate message (it waits, is on its way or ran through a "
-                "waiting room in the last 24 h): dropped; to run a job again, enqueue it with a new id",
+                "waiting room): dropped",
                 job.func_name,
                 job.id,
             )
@@ -423,6 +425,20 @@ class _GatedWorker(rq.worker.BaseWorker):
             log.debug("taskgate: cannot read the tick of RQ's scheduler: %s", e)
         self._phases[queue.name] = (found, time.monotonic())
         return found
+
+
+def _requeued(job: rq.job.Job, state: DeferralState) -> bool:
+    """A job whose last run failed, put back on its queue (``job.requeue()``, ``rq requeue``, or its id
+    enqueued again): queued, not a promoted message. Not a second message of a job that waits (it never
+    ran), nor of one that ran and succeeded (a duplicate: it runs once), nor a stray copy of a failed job's
+    message (its status is still ``failed``)."""
+    if state.promoted or job.get_status(refresh=False) != JobStatus.QUEUED:
+        return False
+    try:
+        last = job.latest_result()
+    except Exception:  # results unreadable: keep the conservative answer (a duplicate)
+        return False
+    return last is not None and last.type == Result.Type.FAILED
 
 
 def _own_at_front(job: rq.job.Job) -> None:
