@@ -16,7 +16,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import redis
@@ -30,10 +30,13 @@ from tests.fleet import Record, check_paced, read_records, stop_all
 
 pytestmark = pytest.mark.slow
 HERE = Path(__file__).resolve().parent
+F = TypeVar("F", bound="Fleet")
 RQ_URL = os.environ.get("TASKGATE_TEST_RQ_URL", "redis://127.0.0.1:6379/6")
 
 
 class Fleet:
+    worker = "tests.apps.rq_jobs.RecordingWorker"  # --worker-class
+
     def __init__(self, extra_env: dict[str, str]) -> None:
         self.prefix = f"tgq{uuid.uuid4().hex[:10]}"
         self.env = {
@@ -49,10 +52,10 @@ class Fleet:
         self.q = Queue(self.prefix, connection=self.r)
         self.enqueued: list[Job] = []
 
-    def spawn(self, *, scheduler: bool = True, worker: str = "tests.apps.rq_jobs.RecordingWorker") -> Path:
+    def spawn(self, *, scheduler: bool = True, worker: str | None = None) -> Path:
         log = Path(f"/tmp/tg-{self.prefix}-w{len(self.logs)}.log")
         self.logs.append(log)
-        cmd = [sys.executable, "-m", "rq.cli", "worker", self.prefix, "--url", RQ_URL, "--worker-class", worker,
+        cmd = [sys.executable, "-m", "rq.cli", "worker", self.prefix, "--url", RQ_URL, "--worker-class", worker or self.worker,
                "--job-class", "taskgate.rq.Job", "-n", f"{self.prefix}-w{len(self.logs)}"]  # fmt: skip
         if scheduler:
             cmd.append("--with-scheduler")
@@ -105,15 +108,15 @@ class Fleet:
                 db.unlink(*keys[i : i + 500])
 
 
-@pytest.fixture
-def fleet() -> Iterator[Callable[..., Fleet]]:
+def fleets(cls: type[F]) -> Iterator[Callable[..., F]]:
+    """The body of a fixture making fleets of ``cls``, each stopped and cleaned up at the end."""
     require(
         redis_up(REDIS_URL) and redis_up(RQ_URL), f"Redis at {RQ_URL}", "start redis-server on 127.0.0.1:6379"
     )
-    made: list[Fleet] = []
+    made: list[F] = []
 
-    def make(n: int = 2, **env: str) -> Fleet:
-        f = Fleet(env)
+    def make(n: int = 2, **env: str) -> F:
+        f = cls(env)
         made.append(f)
         if n:
             f.start(n)
@@ -123,6 +126,11 @@ def fleet() -> Iterator[Callable[..., Fleet]]:
     for f in made:
         f.stop()
         f.cleanup()
+
+
+@pytest.fixture
+def fleet() -> Iterator[Callable[..., Fleet]]:
+    yield from fleets(Fleet)
 
 
 def test_global_rate(fleet: Callable[..., Fleet]) -> None:

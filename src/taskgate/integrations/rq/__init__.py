@@ -46,6 +46,9 @@ How it works:
   (``"run"``).
 - Store outage: the gate applies each policy's ``fail`` mode: ``open`` runs the job unthrottled, ``closed``
   defers it with a growing backoff (1 s ... 60 s). Nothing is dropped.
+- A policy that parks (``deferral.park``, :mod:`taskgate.integrations.waiting`) keeps a denied job in the
+  engine's waiting room instead of RQ's scheduled registry, and the worker's promoter puts it back at the
+  front of its queue once admitted (:mod:`.room`).
 - A deferred job only comes back through RQ's scheduler: the worker refuses to start without
   ``--with-scheduler`` unless another scheduler holds the scheduler lock of each of its queues.
 
@@ -64,8 +67,9 @@ which cannot share fakeredis), signal handlers are skipped off the main thread a
 ``TimerDeathPenalty``.
 
 Modules: :mod:`.jobs` (declaring throttled jobs), :mod:`.worker` (the decision before the horse, deferral
-through RQ's scheduler), :mod:`.horse` (the job holding its admission), :mod:`.scheduler` (RQ's scheduler
-as a thread, for :class:`SimpleWorker`).
+through RQ's scheduler), :mod:`.room` (jobs in the waiting room: parking, the promoter's hand-back),
+:mod:`.horse` (the job holding its admission), :mod:`.scheduler` (RQ's scheduler as a thread, for
+:class:`SimpleWorker`).
 """
 
 from __future__ import annotations

@@ -12,22 +12,27 @@ import math
 import mmap
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import rq
 import rq.job
 import rq.worker
+from redis.exceptions import RedisError
+from rq.job import JobStatus
+from rq.results import Result
 from rq.scheduler import SCHEDULER_KEY_TEMPLATE, RQScheduler
 from rq.timeouts import TimerDeathPenalty, UnixSignalDeathPenalty
 from rq.utils import as_text, import_job_class, utcparse
 
+from taskgate.backends.waiting import Promoted
 from taskgate.errors import BackendUnavailableError
-from taskgate.integrations._gate import Admitted, DeferralState, Deferred
+from taskgate.integrations._gate import Admitted, DeferralState, Deferred, Parked
 from taskgate.integrations._runtime import Runtime
 from taskgate.integrations.options import ThrottleOptions
 from taskgate.integrations.rq.horse import _RESTORED, _VERDICT, Job, _Verdict
 from taskgate.integrations.rq.jobs import META_AT_FRONT, META_STATE, options_of
+from taskgate.integrations.rq.room import RqPromoter, payload, quiet, room_id, send_promoted
 from taskgate.integrations.rq.scheduler import ThreadScheduler
 from taskgate.policy import PolicySource
 
@@ -117,6 +122,8 @@ class _GatedWorker(rq.worker.BaseWorker):
             policies if policies is not None else _defaults["policies"],
             {**_defaults["settings"], **(settings or {})},
         )
+        self._warned_rate_limit = False
+        self.promoter = RqPromoter(self.taskgate.room, self._send_promoted)
 
     # hooks (no-ops): subclass for metrics
     def job_admitted(self, job: rq.job.Job, out: Admitted) -> None:
@@ -125,11 +132,26 @@ class _GatedWorker(rq.worker.BaseWorker):
     def job_deferred(self, job: rq.job.Job, out: Deferred, at: dt.datetime) -> None:
         """Called after ``job`` was put back in the scheduled registry for ``at``."""
 
+    def job_parked(self, job: rq.job.Job, out: Parked) -> None:
+        """Called after ``job`` was parked in a waiting room, or dropped as a duplicate message
+        (``out.duplicate``)."""
+
     def work(self, *args: Any, **kwargs: Any) -> bool:
         bound = inspect.signature(rq.worker.BaseWorker.work).bind(self, *args, **kwargs)
         bound.apply_defaults()
         self.taskgate_preflight(with_scheduler=bool(bound.arguments["with_scheduler"]))
-        return bool(super().work(*args, **kwargs))
+        try:
+            rooms = self.taskgate.parks_any()
+        except (RedisError, BackendUnavailableError) as e:  # the store is down: the promoter waits for it
+            log.warning("taskgate: cannot read the store's persistence settings (%s): promoter started", e)
+            rooms = True
+        if rooms:  # parked jobs of any worker come back through the promoters of all of them
+            self.promoter.start()
+        try:
+            return bool(super().work(*args, **kwargs))
+        finally:
+            if rooms:
+                self.promoter.stop()
 
     def taskgate_preflight(self, *, with_scheduler: bool) -> None:
         """Fail loudly, before any job is taken, on a setup that would lose or strand deferred jobs."""
@@ -157,18 +179,37 @@ class _GatedWorker(rq.worker.BaseWorker):
             opts = options_of(job)
             if opts is None:
                 return self._run(job, queue, _Verdict())
-            out = self._decide(job, queue, opts)
+            if getattr(job, "has_rate_limit", False) and not self._warned_rate_limit:
+                self._warned_rate_limit = True
+                log.warning(
+                    "taskgate: job %s[%s] has RQ's own rate_limit= as well as a taskgate policy: the two "
+                    "limits count each other's waiting jobs: drop rate_limit=",
+                    job.func_name,
+                    job.id,
+                )
+            roomed = self._parks(opts, job)
+            out = self._enter_room(job, queue, opts) if roomed else self._decide(job, queue, opts)
         except Exception as e:  # bad options or arguments, unknown policy: the job fails, naming it
             log.error("taskgate: job %s[%s] cannot be gated: %s", job.func_name, job.id, e)
             return self._run(job, queue, _Verdict(error=e))
+        if isinstance(out, Parked):
+            self._park(job, queue, out)
+            return None
         if isinstance(out, Admitted):
             state = job.meta.get(META_STATE)
             if isinstance(state, dict):
-                job.meta[META_STATE] = {**state, "bookings": {}, "outages": 0}  # spent; saved with the job
+                spent = {k: v for k, v in state.items() if k != "promoted"}
+                job.meta[META_STATE] = {**spent, "bookings": {}, "outages": 0}  # saved with the job
+                if "promoted" in state:  # its grant is claimed: a retry of the job must not claim again
+                    job.__dict__[_RESTORED] = True
             if META_AT_FRONT in job.meta:
                 _own_at_front(job)
             self._hook(self.job_admitted, job, out)
-            return self._run(job, queue, _Verdict(group=out.group, backend=rt.backend))
+            freed = [(a.policy, a.key) for a in out.group.admissions if a.lease_id] if roomed else []
+            try:
+                return self._run(job, queue, _Verdict(group=out.group, backend=rt.backend))
+            finally:
+                self._hand_on(freed)
         exhausted = rt.exhausted(opts, out, f"{job.func_name}[{job.id}]")
         if exhausted == "run":
             return self._run(job, queue, _Verdict())
@@ -176,6 +217,79 @@ class _GatedWorker(rq.worker.BaseWorker):
             return self._run(job, queue, _Verdict(error=exhausted))
         self._defer(job, queue, out)
         return None
+
+    # -- the waiting room (room.py) -----------------------------------------------------------------------
+
+    def _parks(self, opts: ThrottleOptions, job: rq.job.Job) -> bool:
+        rt = self.taskgate
+        try:
+            if not rt.parks(opts):
+                return False
+        except (RedisError, BackendUnavailableError):  # the store is down: the gate's fail mode decides
+            return False
+        return DeferralState.from_dict(job.meta.get(META_STATE)).deferrals < rt.deferral_limit(opts)
+
+    def _enter_room(
+        self, job: rq.job.Job, queue: rq.Queue, opts: ThrottleOptions
+    ) -> Admitted | Deferred | Parked:
+        rt = self.taskgate
+        state = DeferralState.from_dict(job.meta.get(META_STATE))
+        args = (rt.room(), opts, job.args, job.kwargs, state, room_id(job), payload(job, queue.name))
+        out = rt.gate.enter_room(*args)
+        if isinstance(out, Parked) and out.duplicate and _requeued(job, state):
+            out = rt.gate.enter_room(*args, redelivered=True)  # a new attempt, like any job
+        if isinstance(out, Admitted):
+            quiet(out.group)  # the horse heartbeats its leases, not the worker
+        return out
+
+    def _park(self, job: rq.job.Job, queue: rq.Queue, out: Parked) -> None:
+        """Take a parked job (or a duplicate message) out of RQ's intermediate queue; a parked job's status
+        becomes ``scheduled``: it waits to be put back on its queue."""
+        with self.connection.pipeline() as p:
+            p.lrem(queue.intermediate_queue_key, 1, job.id)  # else maintenance fails it as "stuck"
+            if not out.duplicate:
+                p.hset(job.key, "status", JobStatus.SCHEDULED.value)
+            p.execute()
+        if out.duplicate:
+            log.info(
+                "taskgate: job %s[%s] is a duplicate message (it waits, is on its way or ran through a "
+                "waiting room): dropped",
+                job.func_name,
+                job.id,
+            )
+        else:
+            log.debug(
+                "taskgate: parked %s[%s] (policy %r, %d waiting)",
+                job.func_name,
+                job.id,
+                out.policy,
+                out.depth,
+            )
+            if out.depth == 1:  # the first waiter: its room is due soon, wake this worker's promoter
+                self.promoter.wake()
+        self._hook(self.job_parked, job, out)
+
+    def _hand_on(self, freed: list[tuple[str, str]]) -> None:
+        """A released concurrency slot goes to the oldest waiter of its room now, not at the next round."""
+        for policy, key in freed:
+            try:
+                self.promoter.hand_off(policy, key)
+            except Exception as e:
+                log.warning(
+                    "taskgate: handing on the slot of policy %r failed (%s); the promoter will", policy, e
+                )
+
+    def _send_promoted(self, policy: str, key: str, tasks: Sequence[Promoted]) -> None:
+        send_promoted(
+            self.connection,
+            self.job_class,
+            self.queue_class,
+            self.serializer,
+            self.taskgate.room(),
+            policy,
+            key,
+            tasks,
+        )
 
     def _decide(self, job: rq.job.Job, queue: rq.Queue, opts: ThrottleOptions) -> Admitted | Deferred:
         """The gate (which waits out waits <= short_wait_ms), and a booked slot waited out in place when the
@@ -311,6 +425,20 @@ class _GatedWorker(rq.worker.BaseWorker):
             log.debug("taskgate: cannot read the tick of RQ's scheduler: %s", e)
         self._phases[queue.name] = (found, time.monotonic())
         return found
+
+
+def _requeued(job: rq.job.Job, state: DeferralState) -> bool:
+    """A job whose last run failed, put back on its queue (``job.requeue()``, ``rq requeue``, or its id
+    enqueued again): queued, not a promoted message. Not a second message of a job that waits (it never
+    ran), nor of one that ran and succeeded (a duplicate: it runs once), nor a stray copy of a failed job's
+    message (its status is still ``failed``)."""
+    if state.promoted or job.get_status(refresh=False) != JobStatus.QUEUED:
+        return False
+    try:
+        last = job.latest_result()
+    except Exception:  # results unreadable: keep the conservative answer (a duplicate)
+        return False
+    return last is not None and last.type == Result.Type.FAILED
 
 
 def _own_at_front(job: rq.job.Job) -> None:
