@@ -21,8 +21,11 @@ from taskgate.integrations.waiting import parks, persistence
 from tests.conftest import require
 
 NOW = 1_800_000_000_000
+RATE: dict[str, Any] = {
+    "strategy": "gcra", "limit": 10, "period": "1s", "burst": 1, "deferral": {"park": "always"}
+}  # fmt: skip
 POLICIES = {
-    "r": {"strategy": "gcra", "limit": 10, "period": "1s", "burst": 1, "deferral": {"park": "always"}},
+    "r": RATE,
     "c": {"concurrency": {"maxLimit": 2, "perKey": True, "leaseTtl": "10s"}},
     "cw": {"concurrency": {"maxLimit": 1, "leaseTtl": "10s"}},
     "b": {"tokenBudget": {"budget": 1000, "window": "1m"}},
@@ -306,4 +309,37 @@ def test_operators_see_the_rooms(redis_url: str, tmp_path: Path, capsys: pytest.
     assert cli.main(["rooms", *base, "purge", "r", "acme", "--yes"]) == 0
     assert "removed 2 task(s)" in capsys.readouterr().out
     assert cli.main(["rooms", *base, "show", "nope", "acme"]) == 2
+    b.close()
+
+
+def test_a_full_store_falls_back_to_the_fail_mode(redis_url: str) -> None:
+    """maxmemory reached (Redis answers OOM to the park): the task is deferred through the broker with a
+    backoff under fail: closed (run under fail: open), never lost and never failed."""
+    import redis.exceptions
+
+    from taskgate.integrations._gate import DeferralState, Deferred, Gate
+    from taskgate.integrations.options import parse_options
+
+    b = taskgate.connect(
+        redis_url,
+        {"r": POLICIES["r"], "o": {**RATE, "fail": "open"}},
+        prefix=f"tgoom{time.time_ns()}",
+    )
+    assert isinstance(b, taskgate.RedisBackend)
+    room = WaitingRoom(b)
+
+    def full(*args: Any, **kwargs: Any) -> Any:
+        raise taskgate.TaskgateError(
+            "engine script enter:gcra failed: "
+            + str(redis.exceptions.ResponseError("OOM command not allowed when used memory > 'maxmemory'."))
+        )
+
+    room.enter = full  # type: ignore[method-assign]
+    gate = Gate(lambda: b)
+    out = gate.enter_room(room, parse_options("t", "r"), (), {}, DeferralState(), "id1", b"")
+    assert isinstance(out, Deferred)
+    assert out.reason == "unavailable"
+    assert out.countdown_ms == 1000
+    opened = gate.enter_room(room, parse_options("t", "o"), (), {}, DeferralState(), "id2", b"")
+    assert not isinstance(opened, Deferred)
     b.close()

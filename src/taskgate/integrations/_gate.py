@@ -472,6 +472,14 @@ class Gate:
         except BackendUnavailableError as e:
             _undo(held)
             return self._outage(e, opts, ordered, current, state, {})
+        except TaskgateError as e:
+            if "OOM" not in str(e):
+                raise
+            # the store is full (maxmemory): nothing more can wait in it; as when it is down, the policy's
+            # fail mode decides (closed: re-published to the broker with a backoff), and nothing is lost
+            _undo(held)
+            full = BackendUnavailableError(f"the store is full (maxmemory): {e}")
+            return self._outage(full, opts, ordered, current, state, {})
         self.stats.note("admitted")
         return Admitted(self._group(held, key, ordered, state, opts))
 
