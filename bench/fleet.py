@@ -79,6 +79,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--rounds", type=int, default=4, help="part 1, rounds (default: %(default)s)")
     p.add_argument("--windows", type=int, default=10, help="part 2, 1-s windows (default: %(default)s)")
+    p.add_argument(
+        "--offered", type=float, default=OFFERED, help="part 2, demand / budget (default: %(default)s)"
+    )
     p.add_argument("--record", action="store_true", help="append the results to bench/RESULTS.md")
     return p.parse_args(argv)
 
@@ -208,9 +211,9 @@ def part1(srv: ServerProcess, seconds: float, rounds: int) -> tuple[list[str], b
 # --- part 2 ------------------------------------------------------------------------------------------------
 
 
-def part2(srv: ServerProcess, windows: int) -> tuple[list[str], bool]:
+def part2(srv: ServerProcess, windows: int, offered: float) -> tuple[list[str], bool]:
     domain = f"tenant-{uuid.uuid4().hex[:8]}"
-    total = BUDGET * OFFERED * 1000 / WINDOW_MS  # requests/s, all processes
+    total = BUDGET * offered * 1000 / WINDOW_MS  # requests/s, all processes
     rates = [int(total * share / sum(SHARES)) for share in SHARES]
     now = int(time.time() * 1000)
     start = now - now % WINDOW_MS + 2 * WINDOW_MS  # a window boundary >= 1 s away (the workers import)
@@ -286,7 +289,7 @@ def part2(srv: ServerProcess, windows: int) -> tuple[list[str], bool]:
     behind = [o["most_behind_ms"] for o in outs]
     out = [
         f"2. {PROCS} processes x 1 policy: fixedWindow {BUDGET:,} per {WINDOW_MS} ms, one key; the processes "
-        f"offer {' + '.join(f'{r:,}' for r in rates)} requests/s (together {OFFERED:g}x the budget, paced)",
+        f"offer {' + '.join(f'{r:,}' for r in rates)} requests/s (together {offered:g}x the budget, paced)",
         f"   for {windows} windows, LeasedLimiter(batch={BATCH}); a denied process rejects locally until the "
         "window ends",
         "",
@@ -327,7 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         srv.start()
         print("machine: " + "; ".join(f"{k} {v}" for k, v in meta.items()), flush=True)
         body1, ok1 = part1(srv, args.seconds, args.rounds)
-        body2, ok2 = part2(srv, args.windows)
+        body2, ok2 = part2(srv, args.windows, args.offered)
     finally:
         srv.stop()
         os.unlink(f.name)
