@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
-import subprocess
 import sys
 import time
 import uuid
@@ -47,70 +45,12 @@ if __package__ in (None, ""):  # run as a script: this file must not shadow the 
 import redis
 
 from bench._common import delete_prefix, machine_info, record
+from bench.celery import Fleet
 
 ROOT = Path(__file__).resolve().parent.parent
 AMQP = "amqp://guest:guest@127.0.0.1:5672//"
 RECORD_URL = "redis://127.0.0.1:6379/5"
 STORE_URL = "redis://127.0.0.1:6379/9"
-
-
-class Workers:
-    """``n`` x ``celery worker`` on ``tests/apps/room_app.py``, each in its own session (stopped by PID)."""
-
-    def __init__(self, env: dict[str, str], n: int, pool: str, concurrency: int, logdir: Path) -> None:
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self.logs: list[Path] = []
-        for i in range(n):
-            log = logdir / f"backlog-w{i}-{env['TG_PREFIX']}.log"
-            self.logs.append(log)
-            self.procs.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "celery", "-A", "tests.apps.room_app", "worker", "-P", pool,
-                     "-c", str(concurrency), "-n", f"w{i}-{env['TG_PREFIX']}@%h", "-l", "info",
-                     "--without-heartbeat", "--without-mingle", "--without-gossip"],
-                    env=env, cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            )  # fmt: skip
-
-    def wait_ready(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if all(" ready." in log.read_text(errors="replace") for log in self.logs):
-                return
-            if any(p.poll() is not None for p in self.procs):
-                break
-            time.sleep(0.2)
-        raise RuntimeError("workers did not start:\n" + "\n".join(x.read_text()[-3000:] for x in self.logs))
-
-    def rss_mib(self) -> float:
-        """RSS of every process of the workers' sessions (mains and pool children), MiB."""
-        sessions = {p.pid for p in self.procs}
-        total = 0
-        for d in os.listdir("/proc"):
-            if not d.isdigit():
-                continue
-            try:
-                sid = int(Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[3])
-                if sid not in sessions:
-                    continue
-                for line in Path(f"/proc/{d}/status").read_text().splitlines():
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-        return total / 1024
-
-    def stop(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in self.procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
 
 
 def starts(rec: redis.Redis, prefix: str, kind: str = "start") -> list[tuple[str, float, str]]:
@@ -194,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     store = redis.Redis.from_url(STORE_URL)
     logdir = ROOT / "integration" / "logs"
     logdir.mkdir(parents=True, exist_ok=True)
-    w = Workers(env, a.workers, a.pool, a.concurrency, logdir)
+    w = Fleet("backlog", env, a.workers, a.concurrency, logdir, app="tests.apps.room_app", pool=a.pool)
     lines: list[str] = []
 
     def say(s: str) -> None:
@@ -242,7 +182,7 @@ def run(
     appmod: Any,
     rec: redis.Redis,
     store: redis.Redis,
-    w: Workers,
+    w: Fleet,
     prefix: str,
     tasks: int,
     rate: int,

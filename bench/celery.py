@@ -59,7 +59,17 @@ STORE_URL = "redis://127.0.0.1:6379/9"
 class Fleet:
     """``workers`` x ``celery worker -c concurrency`` on the bench app, consuming one queue."""
 
-    def __init__(self, name: str, env: dict[str, str], workers: int, concurrency: int, logdir: Path) -> None:
+    def __init__(
+        self,
+        name: str,
+        env: dict[str, str],
+        workers: int,
+        concurrency: int,
+        logdir: Path,
+        *,
+        app: str = "bench.celery_app",
+        pool: str = "prefork",
+    ) -> None:
         self.name = name
         self.env = env
         self.procs: list[subprocess.Popen[bytes]] = []
@@ -69,8 +79,8 @@ class Fleet:
             self.logs.append(log)
             self.procs.append(
                 subprocess.Popen(
-                    [sys.executable, "-m", "celery", "-A", "bench.celery_app", "worker", "-P", "prefork",
-                     "-c", str(concurrency), "-n", f"{name}{i}-{env['TGB_PREFIX']}@%h", "-l", "info",
+                    [sys.executable, "-m", "celery", "-A", app, "worker", "-P", pool,
+                     "-c", str(concurrency), "-n", f"{name}{i}-{uuid.uuid4().hex[:8]}@%h", "-l", "info",
                      "--without-heartbeat", "--without-mingle", "--without-gossip"],
                     env=env, cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT,
                     start_new_session=True,
@@ -104,6 +114,24 @@ class Fleet:
             if int(fields[3]) in sessions:  # field 6: session id
                 total += int(fields[11]) + int(fields[12])  # fields 14, 15: utime, stime (clock ticks)
         return total / os.sysconf("SC_CLK_TCK")
+
+    def rss_mib(self) -> float:
+        """RSS of every process of this fleet's sessions (mains and pool children), MiB."""
+        sessions = {p.pid for p in self.procs}
+        total = 0
+        for d in os.listdir("/proc"):
+            if not d.isdigit():
+                continue
+            try:
+                sid = int(Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[3])
+                if sid not in sessions:
+                    continue
+                for line in Path(f"/proc/{d}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+        return total / 1024
 
     def stop(self) -> None:
         """SIGTERM each worker (warm shutdown: it stops its pool children), by PID; SIGKILL its process
