@@ -41,7 +41,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry as RedisRetry
 
 import taskgate
-from integration import checks, procs
+from integration import checks, procs, room_phase
 from integration.checks import Check, Evidence, Execution, Kill, Outage, Pause
 from integration.procs import Proc, RedisServer, ServeProc
 from taskgate.engine.keys import keyset
@@ -766,6 +766,7 @@ def main(argv: list[str] | None = None) -> int:
         help="bookingGrace of the rate policies (e.g. 300ms); 'default' keeps taskgate's default",
     )
     ap.add_argument("--summary-md", type=Path, default=None, help="also write the summary as Markdown here")
+    ap.add_argument("--no-room", action="store_true", help="skip the waiting-room phase")
     args = ap.parse_args(argv)
     plan = SHORT if args.short else FULL
     seed = args.seed if args.seed is not None else random.SystemRandom().randint(1, 10**6)
@@ -781,6 +782,12 @@ def main(argv: list[str] | None = None) -> int:
         battle.execute()
         ev = battle.evidence()
         results, fig = checks.evaluate(ev)
+        if not args.no_room:  # the waiting room's phase, on its own store with AOF
+            room_checks, room_faults = room_phase.run(
+                room_phase.SHORT if args.short else room_phase.FULL, battle.tmp, logdir, battle.say
+            )
+            results += room_checks
+            battle.fault_log += room_faults
         battle.dump(ev)
         text = report(plan, battle, results, fig, markdown=False)
         (logdir / "summary.txt").write_text(text)

@@ -173,13 +173,17 @@ class RedisServer(Proc):
     saves with ``SHUTDOWN SAVE`` (no write can slip in between the save and the exit) and starts again on the
     same port and directory, so the data survives and the script cache does not."""
 
-    def __init__(self, name: str, workdir: Path, log: Path, port: int | None = None) -> None:
+    def __init__(
+        self, name: str, workdir: Path, log: Path, port: int | None = None, *, aof: bool = False
+    ) -> None:
         self.port = port or free_port()
         self.dir = workdir / name
         self.dir.mkdir(parents=True, exist_ok=True)
         exe = shutil.which("redis-server") or "redis-server"
+        # aof: every write in the append-only file before it is acknowledged (the waiting room's store)
+        persist = ["--appendonly", "yes", "--appendfsync", "always"] if aof else ["--appendonly", "no"]
         cmd = [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
-               "--dbfilename", "dump.rdb", "--save", "", "--appendonly", "no", "--protected-mode", "no",
+               "--dbfilename", "dump.rdb", "--save", "", *persist, "--protected-mode", "no",
                "--loglevel", "notice"]  # fmt: skip
         super().__init__(name, cmd, log)
         self.paused = False
