@@ -10,9 +10,12 @@ so a key can never close the hash tag or collide with another key's layout)::
     {prefix}:{P:K}:c        concurrency leases when the limit is per key (sorted set lease -> expiry)
     {prefix}:{P}:c          concurrency leases when the limit is policy-wide
     ...:cm, ...:cw          lease meta (adaptive limit, mean hold) and waiters, beside the leases
-    {prefix}:{P:K}:wq, :wd, :wh, :wg, :wc, :wm
+    {prefix}:{P:K}:wq, :wd, :wh, :wg, :wc, :wm, :wf
                             the waiting room of (P, K) (``lua/room.lua``): order, payloads, hand-offs,
-                            grants, claimed ids, counters -- in the slot of the decision they wait for
+                            grants, claimed ids, counters, fair keys' finish tags -- in the slot of the
+                            decision they wait for
+    {prefix}:{P}:fw         runtime fairness weights of policy P (hash fair key -> weight), read by the
+                            callers (never by a script: it is in the slot of {P}, not of the room)
     {prefix}:rooms          index of the rooms with work (sorted set "P<US>K" -> when its head is due);
                             a hint for the promoters (never the truth: the rooms are), its own slot
 
@@ -73,6 +76,7 @@ __all__ = [
     "shares_stats_slot",
     "stats_keys",
     "unescape",
+    "weights_key",
 ]
 
 # The fixed set of counters of every bucket (names as stored, short: they are hash fields):
@@ -133,6 +137,11 @@ class KeySet:
         return [b + ":wq", b + ":wd", b + ":wh", b + ":wg", b + ":wc", b + ":wm"]
 
     @property
+    def fair(self) -> str:
+        """The room's finish tags per fair key (``lua/room.lua``: f)."""
+        return self.base + ":wf"
+
+    @property
     def meta(self) -> str:
         """Per-lease-set metadata (adaptive limit, mean hold time)."""
         return self.policy_base + ":cm"
@@ -148,6 +157,11 @@ def keyset(prefix: str, policy: Policy, key: str) -> KeySet:
 
 
 ROOM_SEP = "\x1f"  # between the policy and the key of a room's name in the index
+
+
+def weights_key(prefix: str, policy: str) -> str:
+    """The runtime fairness weights of ``policy`` (hash fair key -> weight)."""
+    return f"{prefix}:{{{policy}}}:fw"
 
 
 def rooms_index(prefix: str) -> str:

@@ -1,0 +1,107 @@
+"""Fairness weights: how the waiting rooms of a policy split its slots across fair keys.
+
+A task declared with ``fair_key=`` waits in its room as one of that fair key's tasks, and the room serves fair
+keys by start-time fair queueing (``engine/lua/room.lua``): a fair key of weight ``w`` gets ``w / (sum of the
+waiting fair keys' weights)`` of what the policy admits. A weight comes from, first to last:
+
+1. the store: one hash per policy, ``{prefix}:{P}:fw`` (fair key -> weight), written by :func:`set_weight`
+   (``taskgate fairness set POLICY FAIRKEY WEIGHT``);
+2. the policy file: ``fairness: {weights: {acme: 3}, defaultWeight: 1}``.
+
+The weights hash is in the slot of ``{P}`` and a room in the slot of its ``{P:K}``, so no script reads both:
+the caller reads the weights (:class:`Weights`, cached at most :data:`WEIGHT_CACHE_S` per process, so a change
+is in force fleet-wide within a second) and passes the task's weight to the room's script in ARGV.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from typing import Any
+
+from taskgate.backends._plan import _s
+from taskgate.backends.redis import RedisBackend
+from taskgate.engine.keys import weights_key
+from taskgate.logs import key_text, log
+from taskgate.policy import Policy
+
+__all__ = ["WEIGHT_CACHE_S", "Weights", "check_weight", "clear_weight", "set_weight", "stored_weights"]
+
+WEIGHT_CACHE_S = 1.0
+
+
+def check_weight(weight: object, *, policy: str = "?", fair_key: str = "?") -> float:
+    """``weight`` as a float, or ValueError naming the policy, the fair key and the value."""
+    ok = isinstance(weight, (int, float)) and not isinstance(weight, bool)
+    if isinstance(weight, str):
+        try:
+            weight, ok = float(weight), True
+        except ValueError:
+            ok = False
+    if not ok or not math.isfinite(float(weight)) or float(weight) <= 0:  # type: ignore[arg-type]
+        raise ValueError(
+            f"policy {policy!r}: fairness weight of fair key {fair_key!r} = {weight!r}: expected a number > 0"
+        )
+    return float(weight)  # type: ignore[arg-type]
+
+
+def _check_key(fair_key: object) -> str:
+    if not isinstance(fair_key, str) or not fair_key:
+        raise ValueError(f"a fair key must be a non-empty str, got {fair_key!r}")
+    return fair_key
+
+
+def set_weight(backend: RedisBackend, policy: str, fair_key: str, weight: float | str) -> float:
+    """Store the weight of ``fair_key`` in the rooms of ``policy`` (fleet-wide within a second). Unknown
+    policy: :class:`~taskgate.errors.PolicyNotFoundError`."""
+    p = backend.policy(policy)
+    w = check_weight(weight, policy=p.name, fair_key=_check_key(fair_key))
+    try:
+        backend.client.hset(weights_key(backend.prefix, p.name), fair_key, repr(w))
+    except Exception as e:  # the one place this module talks to the store
+        raise backend._unavailable(e) from e
+    log.info("taskgate: policy %r: fairness weight of fair key %s set to %s", p.name, key_text(fair_key), w)
+    return w
+
+
+def clear_weight(backend: RedisBackend, policy: str, fair_key: str) -> bool:
+    """Remove the stored weight of ``fair_key`` (the policy file's applies again). True if there was one."""
+    p = backend.policy(policy)
+    n = int(backend.client.hdel(weights_key(backend.prefix, p.name), _check_key(fair_key)))
+    if n:
+        log.info("taskgate: policy %r: stored weight of fair key %s removed", p.name, key_text(fair_key))
+    return n > 0
+
+
+def stored_weights(backend: RedisBackend, policy: str) -> dict[str, float]:
+    """The weights stored for ``policy`` (not those of the policy file)."""
+    p = backend.policy(policy)
+    raw: Any = backend.client.hgetall(weights_key(backend.prefix, p.name))
+    return {_s(k): float(_s(v)) for k, v in (raw or {}).items()}
+
+
+class Weights:
+    """The weight of a fair key in force (store, then policy file), each policy's stored weights read at
+    most once per ``ttl_s`` per process. Thread-safe."""
+
+    def __init__(self, backend: RedisBackend, ttl_s: float = WEIGHT_CACHE_S) -> None:
+        self.backend = backend
+        self.ttl_s = ttl_s
+        self._cache: dict[str, tuple[float, dict[str, float]]] = {}
+        self._lock = threading.Lock()
+
+    def weight(self, policy: Policy, fair_key: str) -> float:
+        if not fair_key:
+            return policy.fairness.default_weight
+        now = time.monotonic()
+        with self._lock:
+            hit = self._cache.get(policy.name)
+        if hit is None or hit[0] <= now:
+            stored = stored_weights(self.backend, policy.name)
+            with self._lock:
+                self._cache[policy.name] = (now + self.ttl_s, stored)
+        else:
+            stored = hit[1]
+        w = stored.get(fair_key)
+        return w if w is not None and w > 0 else policy.fairness.weight(fair_key)
