@@ -5,6 +5,7 @@ The weights: policy file, store (``set_weight``), validation."""
 
 from __future__ import annotations
 
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -15,6 +16,7 @@ import taskgate
 from taskgate.backends.fairness import Weights, clear_weight, set_weight, stored_weights
 from taskgate.backends.waiting import WaitingRoom
 from taskgate.errors import InvalidPolicyError, PolicyNotFoundError
+from taskgate.integrations.options import parse_options
 from taskgate.policy import parse_policy
 
 NOW = 1_800_000_000_000
@@ -173,3 +175,60 @@ def test_the_policy_file_rejects_bad_weights(fairness: dict[str, Any], field: st
     with pytest.raises(InvalidPolicyError, match=f"policy 'p'.*{field}") as e:
         parse_policy("p", {"strategy": "gcra", "limit": 1, "period": "1s", "fairness": fairness})
     assert e.value.field == field
+
+
+# ------------------------------------------------------------------------------- the task option fair_key
+
+
+def _gate_room() -> tuple[Any, WaitingRoom]:
+    from taskgate.integrations._gate import Gate
+
+    b = taskgate.connect(f"memory://{uuid.uuid4().hex}", POLICIES)
+    assert isinstance(b, taskgate.RedisBackend)
+    return Gate(lambda: b, short_wait_ms=0), WaitingRoom(b, lead_ms=0)
+
+
+def test_fair_key_option_by_parameter_name_or_callable() -> None:
+    from taskgate.integrations._gate import DeferralState, Parked
+
+    def job(tenant: str, n: int) -> None: ...
+
+    gate, room = _gate_room()
+    by_name = parse_options("t.job", "r", fair_key="tenant", func=job)
+    by_call = parse_options("t.job", "r", fair_key=lambda tenant: tenant.upper(), func=job)
+    assert by_name.fair_key_for(("acme", 1), {}) == "acme"
+    assert by_call.fair_key_for((), {"tenant": "acme", "n": 1}) == "ACME"
+    assert parse_options("t.job", "r", func=job).fair_key_for(("acme", 1), {}) is None
+    for i in range(3):  # a0 admitted, a1, a2 wait
+        gate.enter_room(room, by_name, ("a", i), {}, DeferralState(), f"a{i}", b"")
+    out = gate.enter_room(room, by_name, ("b", 0), {}, DeferralState(), "b0", b"")
+    assert isinstance(out, Parked)
+    # b0 (fair key "b") is to be served before a2 (same start tag as a1, which arrived first): the option
+    # reached the engine
+    assert room.list("r", "*") == ["a1", "b0", "a2"]
+
+
+def test_a_fair_key_that_raises_fails_the_task_at_admission_naming_it() -> None:
+    from taskgate.integrations._gate import DeferralState
+
+    def job(tenant: str) -> None: ...
+
+    def tenant_of(tenant: str) -> str:
+        raise KeyError(tenant)
+
+    gate, room = _gate_room()
+    opts = parse_options("t.job", "r", fair_key=tenant_of, func=job)
+    with pytest.raises(ValueError, match=r"task 't.job': fair_key= callable 'tenant_of' raised KeyError"):
+        gate.enter_room(room, opts, ("acme",), {}, DeferralState(), "x1", b"")
+    with pytest.raises(ValueError, match=r"task 't.job': fair_key= gave None; a fair key must be"):
+        parse_options("t.job", "r", fair_key=lambda tenant: None, func=job).fair_key_for(("a",), {})
+    assert room.depth("r", "*") == 0  # nothing parked, nothing admitted
+
+
+def test_rq_rejects_fair_key_until_its_jobs_wait_in_the_engine() -> None:
+    import taskgate.rq
+
+    with pytest.raises(TypeError, match="fair_key"):
+
+        @taskgate.rq.throttled("r", fair_key="tenant")
+        def job(tenant: str) -> None: ...

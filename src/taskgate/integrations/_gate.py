@@ -300,6 +300,7 @@ class Gate:
         message promoted from a room claims its grant there instead of paying again. An original message
         is recognised if its task already waits or ran (a redelivery after a crash between park and ack)."""
         key = opts.key_for(args, kwargs)
+        fair_key = opts.fair_key_for(args, kwargs)
         cost = opts.units_for("cost", args, kwargs)
         tokens = opts.units_for("tokens", args, kwargs)
         b = self.backend
@@ -328,7 +329,7 @@ class Gate:
                     left = int((deadline - time.monotonic()) * 1000)
                     e = room.enter(
                         p.name, key, task_id, payload, *units, park_over_ms=max(left, -1),
-                        dedupe=not state.promoted,
+                        dedupe=not state.promoted, fair_key=fair_key,
                     )  # fmt: skip
                     if e.status != "denied":
                         break
@@ -364,7 +365,8 @@ class Gate:
         key = opts.key_for(args, kwargs)
         cost = opts.units_for("cost", args, kwargs) if p.rate else 1
         tokens = opts.units_for("tokens", args, kwargs) if p.budgets else 0
-        e = room.enter(name, key, task_id, payload, cost, tokens, hand_off=True)
+        fair_key = opts.fair_key_for(args, kwargs)
+        e = room.enter(name, key, task_id, payload, cost, tokens, hand_off=True, fair_key=fair_key)
         if e.status in ("handed", "parked"):
             return e.status
         return "duplicate"
