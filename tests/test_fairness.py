@@ -8,6 +8,7 @@ from __future__ import annotations
 import uuid
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -232,3 +233,27 @@ def test_rq_rejects_fair_key_until_its_jobs_wait_in_the_engine() -> None:
 
         @taskgate.rq.throttled("r", fair_key="tenant")
         def job(tenant: str) -> None: ...
+
+
+def test_the_fairness_command(redis_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import yaml
+
+    from taskgate import cli
+
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(yaml.safe_dump({"version": 1, "limiters": POLICIES}))
+    base = ["--redis", redis_url, "--config", str(cfg), "--prefix", f"tgfair{uuid.uuid4().hex[:8]}"]
+    assert cli.main(["fairness", *base, "set", "w", "beta", "2.5"]) == 0
+    assert cli.main(["fairness", *base, "show", "w"]) == 0
+    out = capsys.readouterr().out
+    assert "default weight 1" in out
+    assert [line.split() for line in out.splitlines()[-2:]] == [
+        ["acme", "3", "policy", "file"],
+        ["beta", "2.5", "store"],
+    ]
+    assert cli.main(["fairness", *base, "set", "w", "beta", "-1"]) == 2
+    assert "fairness weight of fair key 'beta' = '-1': expected a number > 0" in capsys.readouterr().err
+    assert cli.main(["fairness", *base, "set", "nope", "beta", "1"]) == 2
+    assert "unknown policy 'nope'" in capsys.readouterr().err
+    assert cli.main(["fairness", *base, "unset", "w", "beta"]) == 0
+    assert "removed" in capsys.readouterr().out

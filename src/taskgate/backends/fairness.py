@@ -15,35 +15,45 @@ is in force fleet-wide within a second) and passes the task's weight to the room
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import time
 from typing import Any
 
 from taskgate.backends._plan import _s
-from taskgate.backends.redis import RedisBackend
+from taskgate.backends.redis import _UNAVAILABLE, RedisBackend
 from taskgate.engine.keys import weights_key
 from taskgate.logs import key_text, log
 from taskgate.policy import Policy
 
-__all__ = ["WEIGHT_CACHE_S", "Weights", "check_weight", "clear_weight", "set_weight", "stored_weights"]
+__all__ = [
+    "WEIGHT_CACHE_S",
+    "Weights",
+    "check_weight",
+    "clear_weight",
+    "set_weight",
+    "stored_weights",
+    "weights_in_force",
+]
 
 WEIGHT_CACHE_S = 1.0
 
 
 def check_weight(weight: object, *, policy: str = "?", fair_key: str = "?") -> float:
-    """``weight`` as a float, or ValueError naming the policy, the fair key and the value."""
-    ok = isinstance(weight, (int, float)) and not isinstance(weight, bool)
-    if isinstance(weight, str):
-        try:
-            weight, ok = float(weight), True
-        except ValueError:
-            ok = False
-    if not ok or not math.isfinite(float(weight)) or float(weight) <= 0:  # type: ignore[arg-type]
+    """``weight`` (a number, or a str of one) as a float, or ValueError naming the policy, the fair key and
+    the value."""
+    w = float("nan")
+    if isinstance(weight, (int, float)) and not isinstance(weight, bool):
+        w = float(weight)
+    elif isinstance(weight, str):
+        with contextlib.suppress(ValueError):
+            w = float(weight)
+    if not (math.isfinite(w) and w > 0):
         raise ValueError(
             f"policy {policy!r}: fairness weight of fair key {fair_key!r} = {weight!r}: expected a number > 0"
         )
-    return float(weight)  # type: ignore[arg-type]
+    return w
 
 
 def _check_key(fair_key: object) -> str:
@@ -57,10 +67,7 @@ def set_weight(backend: RedisBackend, policy: str, fair_key: str, weight: float 
     policy: :class:`~taskgate.errors.PolicyNotFoundError`."""
     p = backend.policy(policy)
     w = check_weight(weight, policy=p.name, fair_key=_check_key(fair_key))
-    try:
-        backend.client.hset(weights_key(backend.prefix, p.name), fair_key, repr(w))
-    except Exception as e:  # the one place this module talks to the store
-        raise backend._unavailable(e) from e
+    _store(backend, "hset", weights_key(backend.prefix, p.name), fair_key, repr(w))
     log.info("taskgate: policy %r: fairness weight of fair key %s set to %s", p.name, key_text(fair_key), w)
     return w
 
@@ -68,7 +75,7 @@ def set_weight(backend: RedisBackend, policy: str, fair_key: str, weight: float 
 def clear_weight(backend: RedisBackend, policy: str, fair_key: str) -> bool:
     """Remove the stored weight of ``fair_key`` (the policy file's applies again). True if there was one."""
     p = backend.policy(policy)
-    n = int(backend.client.hdel(weights_key(backend.prefix, p.name), _check_key(fair_key)))
+    n = int(_store(backend, "hdel", weights_key(backend.prefix, p.name), _check_key(fair_key)))
     if n:
         log.info("taskgate: policy %r: stored weight of fair key %s removed", p.name, key_text(fair_key))
     return n > 0
@@ -77,8 +84,23 @@ def clear_weight(backend: RedisBackend, policy: str, fair_key: str) -> bool:
 def stored_weights(backend: RedisBackend, policy: str) -> dict[str, float]:
     """The weights stored for ``policy`` (not those of the policy file)."""
     p = backend.policy(policy)
-    raw: Any = backend.client.hgetall(weights_key(backend.prefix, p.name))
+    raw: Any = _store(backend, "hgetall", weights_key(backend.prefix, p.name))
     return {_s(k): float(_s(v)) for k, v in (raw or {}).items()}
+
+
+def weights_in_force(backend: RedisBackend, policy: str) -> tuple[float, dict[str, tuple[float, str]]]:
+    """(the default weight, fair key -> (weight, "store" or "policy file")) of every fair key named."""
+    p = backend.policy(policy)
+    out = {k: (w, "policy file") for k, w in p.fairness.weights}
+    out.update({k: (w, "store") for k, w in stored_weights(backend, p.name).items()})
+    return p.fairness.default_weight, out
+
+
+def _store(backend: RedisBackend, command: str, *args: str) -> Any:
+    try:
+        return getattr(backend.client, command)(*args)
+    except _UNAVAILABLE as e:
+        raise backend._unavailable(e) from e
 
 
 class Weights:
