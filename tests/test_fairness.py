@@ -16,6 +16,7 @@ import pytest
 import taskgate
 from taskgate.backends.fairness import Weights, clear_weight, set_weight, stored_weights
 from taskgate.backends.waiting import WaitingRoom
+from taskgate.engine.keys import keyset
 from taskgate.errors import InvalidPolicyError, PolicyNotFoundError
 from taskgate.integrations.options import parse_options
 from taskgate.policy import parse_policy
@@ -90,6 +91,28 @@ def test_stored_weights_override_the_policy_file(room: WaitingRoom) -> None:
     assert clear_weight(b, "w", "beta") is True
     assert clear_weight(b, "w", "beta") is False
     assert stored_weights(b, "w") == {"acme": 1.0}
+
+
+def test_a_changed_weight_applies_to_work_already_waiting(room: WaitingRoom) -> None:
+    flood(room, "w", "acme", 200, NOW)  # 3
+    flood(room, "w", "beta", 200, NOW)  # 1
+    got = Counter(map(tenant, serve(room, "w", 40, NOW + SLOT)))
+    assert abs(got["acme"] - 30) <= 1
+    set_weight(room.backend, "w", "beta", 3)  # beta's queued tasks: from its next head on
+    got = Counter(map(tenant, serve(room, "w", 40, NOW + 41 * SLOT)))
+    assert abs(got["acme"] - 20) <= 2
+
+
+def test_the_fair_queues_expire_and_purge_with_the_room(room: WaitingRoom) -> None:
+    flood(room, "w", "acme", 5, NOW)
+    flood(room, "w", "beta", 5, NOW)
+    c = room.backend.client
+    ks = keyset(room.backend.prefix, room.backend.policy("w"), "k")
+    assert all(0 < c.pttl(k) <= room.room_ttl_ms for k in [*ks.room()[:2], *ks.fair()])
+    assert room.purge("w", "k") == 9
+    assert not any(c.exists(k) for k in [ks.room()[0], *ks.fair()])
+    flood(room, "w", "beta", 3, NOW + 10, tag="b")  # a fresh start: FIFO for one fair key
+    assert serve(room, "w", 3, NOW + 10 * SLOT) == ["b0", "b1", "b2"]
 
 
 def test_a_tenant_alone_gets_everything(room: WaitingRoom) -> None:

@@ -113,17 +113,25 @@ class Weights:
         self._cache: dict[str, tuple[float, dict[str, float]]] = {}
         self._lock = threading.Lock()
 
-    def weight(self, policy: Policy, fair_key: str) -> float:
-        if not fair_key:
-            return policy.fairness.default_weight
+    def _stored(self, policy: Policy) -> dict[str, float]:
         now = time.monotonic()
         with self._lock:
             hit = self._cache.get(policy.name)
-        if hit is None or hit[0] <= now:
-            stored = stored_weights(self.backend, policy.name)
-            with self._lock:
-                self._cache[policy.name] = (now + self.ttl_s, stored)
-        else:
-            stored = hit[1]
-        w = stored.get(fair_key)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        stored = stored_weights(self.backend, policy.name)
+        with self._lock:
+            self._cache[policy.name] = (now + self.ttl_s, stored)
+        return stored
+
+    def weight(self, policy: Policy, fair_key: str) -> float:
+        if not fair_key:
+            return policy.fairness.default_weight
+        w = self._stored(policy).get(fair_key)
         return w if w is not None and w > 0 else policy.fairness.weight(fair_key)
+
+    def table(self, policy: Policy) -> tuple[float, dict[str, float]]:
+        """(the default weight, fair key -> weight) for every fair key given a weight (file or store)."""
+        out = dict(policy.fairness.weights)
+        out.update({k: w for k, w in self._stored(policy).items() if w > 0})
+        return policy.fairness.default_weight, out

@@ -174,15 +174,17 @@ class WaitingRoom:
         p = self._policy(policy)
         _check_id(task_id)
         fk = fair_key or ""
-        if not isinstance(fk, str):
-            raise ValueError(f"fair key must be a str, got {fair_key!r}")
+        if not isinstance(fk, str) or "\n" in fk or "\x1f" in fk or len(fk) > 200:
+            raise ValueError(
+                f"a fair key must be a str without newline or \\x1f of at most 200 chars, got {fair_key!r}"
+            )
         w = self.weights.weight(p, fk) if weight is None else check_weight(weight, policy=p.name, fair_key=fk)
         escrow = self._admit.admit_units(p, key, cost, tokens)
         rid = uuid.uuid4().hex if escrow else ""
         hold = f"{task_id}.{uuid.uuid4().hex[:12]}" if p.concurrency else ""
         akeys, aargs = self._admit.admit_parts(p, key, cost, tokens, now, hold=hold, rid=rid)
         ks = keyset(self.backend.prefix, p, key)
-        room = [*ks.room(), ks.fair]
+        room = [*ks.room(), *ks.fair()]
         handoff = self.handoff_ms if hand_off else 0
         args: list[Any] = [task_id, payload, park_over_ms, self.room_ttl_ms, "1" if dedupe else "0", handoff]
         args += [fk, repr(w), *aargs]
@@ -214,8 +216,11 @@ class WaitingRoom:
         ks = keyset(self.backend.prefix, p, key)
         akeys, aargs = self._admit.admit_parts(p, key, 1, 0, now, hold="-" if p.concurrency else "")
         r = ks.room()
-        keys = [r[0], r[1], r[2], r[3], r[5], ks.fair, *(ks.reservation(x) for x in rids), *akeys]
-        args: list[Any] = [aargs[0], most, self.handoff_ms, self.room_ttl_ms, lead, nr, *rids, *aargs]
+        keys = [r[0], r[1], r[2], r[3], r[5], *ks.fair(), *(ks.reservation(x) for x in rids), *akeys]
+        default, table = self.weights.table(p)
+        pairs = [x for fk, w in table.items() if w != default for x in (fk, repr(w))]
+        args: list[Any] = [aargs[0], most, self.handoff_ms, self.room_ttl_ms, lead, nr, repr(default)]
+        args += [len(pairs) // 2, *rids, *pairs, *aargs]
         raw = self.backend._run(Plan(script("promote", self._strategy(p)), keys, args, _raw))
         n = int(raw[2])
         tasks = [
@@ -315,14 +320,16 @@ class WaitingRoom:
         return out
 
     def list(self, policy: str, key: str, most: int = 100) -> list[str]:
-        """The ids of the first ``most`` tasks waiting, in the order they will be served."""
+        """The ids of the first ``most`` tasks waiting: the next of each fair key in the order they will be
+        served, then the others by arrival (without fair keys: oldest first)."""
         q = keyset(self.backend.prefix, self._policy(policy), key).room()[0]
         return [_s(x) for x in self.backend.client.zrange(q, 0, most - 1)]
 
     def purge(self, policy: str, key: str) -> int:
         """Remove every task waiting in the room (promoted ones keep their grants). Returns how many."""
-        r = keyset(self.backend.prefix, self._policy(policy), key).room()
-        n = int(self.backend._run(Plan(script("room_purge"), [r[0], r[1]], [], _raw)))
+        ks = keyset(self.backend.prefix, self._policy(policy), key)
+        r = ks.room()
+        n = int(self.backend._run(Plan(script("room_purge"), [r[0], r[1], *ks.fair()], [], _raw)))
         self.backend.client.zrem(self.index, room_name(policy, key))
         return n
 
