@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/fairness.py late    [--a 1000] [--b 20] [--after 2] [--rate 20]
     .venv/bin/python bench/fairness.py weights [--seconds 60] [--rate 20] [--switch 20]
+    .venv/bin/python bench/fairness.py many    [--a 1000] [--tenants 1000] [--after 2] [--spread 0]
     ... [--pool threads -c 16] [--record]                            # --record: append to bench/RESULTS.md
 
 One real ``celery worker --pool threads -c 16`` on RabbitMQ (``tests/apps/room_app.py``, task ``fair``:
@@ -15,6 +16,10 @@ every tenant, ``fair_key="tenant"``); the store on the local Redis (db 9), every
   can start for the whole run. Target: starts split 75/25 within +-5 points over ``--seconds`` s (counted
   from t+5 s). Then ``--switch`` s more after ``taskgate.set_weight(..., "beta", 3)``: 50/50 expected from
   about a second after the change (the weights are cached <= 1 s per process).
+- many: tenant A queues ``--a`` tasks, then ``--tenants`` tenants one task each ``--after`` s later, all at
+  once (``--spread 0``: they are ``tenants / rate`` s of work, the last can start no earlier) or evenly over
+  ``--spread`` s (each then waits about one slot). Printed: their waits from their own enqueue (p50 / p99 /
+  max) and A's starts meanwhile (its fair share among the fair keys waiting).
 
 Every process started here is stopped by its PID; keys are deleted by this run's prefix; queues are deleted.
 """
@@ -78,6 +83,43 @@ def late(a: argparse.Namespace, appmod: Any, rec: redis.Redis, prefix: str, say:
     return ok
 
 
+def many(a: argparse.Namespace, appmod: Any, rec: redis.Redis, prefix: str, say: Any) -> bool:
+    for i in range(a.a):
+        appmod.fair.apply_async(("A", i))
+    time.sleep(max(0.0, a.after))
+    tb = time.time()
+    queued: dict[str, float] = {}
+    for i in range(a.tenants):
+        if a.spread > 0:
+            time.sleep(max(0.0, tb + i * a.spread / a.tenants - time.time()))
+        queued[f"t{i}"] = time.time()
+        appmod.fair.apply_async((f"t{i}", 0))
+    sent = time.time() - tb
+    deadline = tb + a.tenants / a.rate * 2 + a.spread + 30
+    while time.time() < deadline and sum(x.startswith("t") for _, _, x in starts(rec, prefix)) < a.tenants:
+        time.sleep(0.5)
+    got = starts(rec, prefix)
+    waits = sorted(t - queued[x] for _, t, x in got if x in queued)
+    last = max((t for _, t, x in got if x in queued), default=time.time())
+    a_during = sum(1 for _, t, x in got if x == "A" and tb <= t <= last)
+    ideal = (a.tenants - 1) / a.rate if a.spread <= 0 else 1 / a.rate
+
+    def pct(q: float) -> float:
+        return waits[min(len(waits) - 1, int(q / 100 * len(waits)))] if waits else 0.0
+
+    bound = ideal * 1.1 + 2
+    ok = len(waits) == a.tenants and pct(99) <= bound
+    say(
+        f"{a.tenants} tenants of one task each, queued from {a.after:.0f}s after A's {a.a} over {sent:.1f}s: "
+        f"{len(waits)} started; waits p50 {pct(50):.1f}s p99 {pct(99):.1f}s max {max(waits, default=0):.1f}s"
+    )
+    say(
+        f"(ideal: {ideal:.2f}s at {a.rate}/s; bound p99 <= {bound:.1f}s; FIFO behind A: "
+        f"+ ~{a.a / a.rate:.0f}s); A meanwhile {a_during} starts: " + ("PASS" if ok else "MISS")
+    )
+    return ok
+
+
 def weights(a: argparse.Namespace, appmod: Any, rec: redis.Redis, prefix: str, say: Any) -> bool:
     import taskgate
 
@@ -124,7 +166,9 @@ def weights(a: argparse.Namespace, appmod: Any, rec: redis.Redis, prefix: str, s
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("scenario", choices=("late", "weights"))
+    ap.add_argument("scenario", choices=("late", "weights", "many"))
+    ap.add_argument("--tenants", type=int, default=1000)
+    ap.add_argument("--spread", type=float, default=0.0)
     ap.add_argument("--a", type=int, default=1000)
     ap.add_argument("--b", type=int, default=20)
     ap.add_argument("--after", type=float, default=2.0)
@@ -171,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"scenario {a.scenario}: 1 worker --pool {a.pool} -c {a.concurrency}, policy gcra {a.rate}/s "
             "burst 1, park always, one limit key, fair_key=tenant"
         )
-        ok = (late if a.scenario == "late" else weights)(a, appmod, rec, prefix, say)
+        ok = {"late": late, "weights": weights, "many": many}[a.scenario](a, appmod, rec, prefix, say)
     finally:
         w.stop()
         with appmod.app.connection_for_write() as conn:
