@@ -280,3 +280,29 @@ def test_the_fairness_command(redis_url: str, tmp_path: Path, capsys: pytest.Cap
     assert "unknown policy 'nope'" in capsys.readouterr().err
     assert cli.main(["fairness", *base, "unset", "w", "beta"]) == 0
     assert "removed" in capsys.readouterr().out
+
+
+def test_operators_see_the_fair_keys(
+    redis_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import yaml
+
+    from taskgate import cli
+
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(yaml.safe_dump({"version": 1, "limiters": POLICIES}))
+    prefix = f"tgfair{uuid.uuid4().hex[:8]}"
+    b = taskgate.connect(redis_url, str(cfg), prefix=prefix)
+    assert isinstance(b, taskgate.RedisBackend)
+    room = WaitingRoom(b, lead_ms=0)
+    flood(room, "w", "acme", 4, NOW)  # acme0 admitted
+    flood(room, "w", "beta", 2, NOW)
+    assert room.fair_keys("w", "k") == {"acme": 3, "beta": 2}
+    base = ["--redis", redis_url, "--config", str(cfg), "--prefix", prefix]
+    assert cli.main(["rooms", *base, "show", "w", "k"]) == 0
+    out = capsys.readouterr().out
+    assert "fair key 'acme': 3 waiting" in out
+    assert "fair key 'beta': 2 waiting" in out
+    serve(room, "w", 5, NOW + SLOT)
+    assert room.fair_keys("w", "k") == {}
+    b.close()

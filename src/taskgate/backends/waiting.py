@@ -325,6 +325,12 @@ class WaitingRoom:
         q = keyset(self.backend.prefix, self._policy(policy), key).room()[0]
         return [_s(x) for x in self.backend.client.zrange(q, 0, most - 1)]
 
+    def fair_keys(self, policy: str, key: str) -> dict[str, int]:
+        """Tasks waiting per fair key in the room ("" for work without one); empty when nothing waits."""
+        _, f = keyset(self.backend.prefix, self._policy(policy), key).fair()
+        raw: Any = self.backend.client.hgetall(f)
+        return {_s(k)[2:]: int(v) for k, v in (raw or {}).items() if _s(k).startswith("n:") and int(v) > 0}
+
     def purge(self, policy: str, key: str) -> int:
         """Remove every task waiting in the room (promoted ones keep their grants). Returns how many."""
         ks = keyset(self.backend.prefix, self._policy(policy), key)
