@@ -86,9 +86,9 @@ def room_totals(store: redis.Redis, prefix: str) -> dict[str, int]:
 
 
 def room_bytes(store: redis.Redis, prefix: str) -> tuple[int, int]:
-    """(bytes used by the rooms' order and payload keys, tasks waiting)."""
+    """(bytes used by the rooms' order, payload and fair-queue keys, tasks waiting)."""
     total, depth = 0, 0
-    for suffix in ("wq", "wd"):
+    for suffix in ("wq", "wd", "wp", "wf"):
         for k in store.scan_iter(match=f"{prefix}:*:{suffix}", count=1000):
             total += int(store.memory_usage(k, samples=0) or 0)
             if suffix == "wq":

@@ -117,7 +117,7 @@ def run(plan: RoomPlan, tmp: Path, logdir: Path, say: Callable[[str], None]) -> 
         while rec.llen(key) < plan.tasks and time.time() < deadline:
             time.sleep(1)
         time.sleep(3)  # time for a second run, if there were one
-        raw = [bytes(x).decode().split("|", 3) for x in rec.lrange(key, 0, -1)]
+        raw = [_text(x).split("|", 3) for x in rec.lrange(key, 0, -1)]
         counts = _room_counts(store.client(10.0), prefix)
     finally:
         for p in workers:
@@ -134,6 +134,10 @@ def run(plan: RoomPlan, tmp: Path, logdir: Path, say: Callable[[str], None]) -> 
         store.stop()
         records.stop()
     return _checks(plan, raw, killed_at, killed.pid, resumed, counts), faults
+
+
+def _text(x: bytes | str) -> str:
+    return x.decode() if isinstance(x, bytes) else x
 
 
 def _room_counts(client: Any, prefix: str) -> dict[str, int]:

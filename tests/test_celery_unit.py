@@ -182,6 +182,7 @@ def wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> None:
         ("max_deferral", "max_deferrals"),
         ("on_exhaust", "on_exhausted"),
         ("tokes", "tokens"),
+        ("fair_kye", "fair_key"),
     ],
 )
 def test_misspelt_option_fails_at_declaration(eager: Env, misspelt: str, meant: str) -> None:
@@ -219,6 +220,9 @@ def test_misspelt_throttle_without_throttle(eager: Env) -> None:
         ("max_deferrals", -1, "int >= 0"),
         ("on_exhausted", "explode", "'fail' or 'run'"),
         ("book", "yes", "True or False"),
+        ("fair_key", 3, "callable"),
+        ("fair_key", "nope", "parameters"),
+        ("fair_key", "", "callable"),
     ],
 )
 def test_bad_option_value_fails_at_declaration(eager: Env, option: str, value: object, expected: str) -> None:

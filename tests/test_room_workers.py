@@ -263,3 +263,48 @@ def test_nothing_lost_through_kills_and_a_store_restart(room: Any, aof_store: tu
     # never outran the limit: over the whole run the start rate stays at it
     times = sorted(t for _, t, _ in r.starts())
     assert (len(times) - 1) / (times[-1] - times[0]) <= 25 * 1.05
+
+
+def test_a_late_tenant_gets_its_share_of_a_shared_limit(room: Any) -> None:
+    """One limit for every tenant (20/s, no key), tenants as fair keys: B, queued behind 200 of A's tasks,
+    is served alternately with A, not after A (FIFO would start B's last task ~10 s later)."""
+    r = room(TG_RATE="20")
+    r.start()
+    for i in range(200):
+        r.app.fair.apply_async(("A", i))
+    time.sleep(1.0)
+    sent = time.time()
+    for i in range(10):
+        r.app.fair.apply_async(("B", i))
+    r.app.fair_broken.apply_async(("A",))
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and sum(x == "B" for _, _, x in r.starts()) < 10:
+        time.sleep(0.2)
+    got = sorted(r.starts(), key=lambda s: s[1])
+    b = [t - sent for _, t, x in got if x == "B"]
+    assert len(b) == 10
+    assert max(b) <= 5.0  # ideally ~1 s: 10 of the next 20 slots
+    after = [x for _, t, x in got if t >= sent]
+    last_b = max(i for i, x in enumerate(after) if x == "B")
+    assert last_b < 40  # B's 10 among the first 40 starts after it was queued (ideal: 20)
+    assert sum(x == "A" for x in after[: last_b + 1]) >= 5  # A is not starved meanwhile
+    log = r.logs[0]
+    deadline = time.monotonic() + 20
+    while "fair_key= callable '_tenant_of' raised LookupError" not in log.read_text(errors="replace"):
+        assert time.monotonic() < deadline, (
+            "the broken fair_key did not fail its task:\n" + log.read_text()[-3000:]
+        )
+        time.sleep(0.2)
+    assert "broken" not in {x for _, _, x in r.starts()}
+
+
+def test_weights_split_a_shared_limit(room: Any) -> None:
+    r = room(TG_RATE="20", TG_WEIGHTS="acme=3")
+    r.start()
+    for i in range(150):
+        r.app.fair.apply_async(("acme", i))
+        r.app.fair.apply_async(("beta", i))
+    r.wait_for(101, timeout=60)
+    got = [x for _, _, x in sorted(r.starts(), key=lambda s: s[1])][1:101]  # the first was admitted at send
+    assert len(got) == 100
+    assert 60 <= got.count("acme") <= 90  # 75 / 25 (the bench holds it to +-5 points over 60 s)

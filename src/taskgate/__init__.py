@@ -19,6 +19,7 @@ from taskgate.admission import (
     usage_tokens,
 )
 from taskgate.backends import AsyncRedisBackend, RedisBackend, connect, connect_async
+from taskgate.backends.fairness import set_weight
 from taskgate.errors import (
     BackendUnavailableError,
     InvalidPolicyError,
@@ -61,6 +62,7 @@ __all__ = [
     "current",
     "load_policies",
     "log_keys",
+    "set_weight",
     "usage_tokens",
 ]
 

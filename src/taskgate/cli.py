@@ -572,6 +572,7 @@ register(
 
 # --- the command itself ------------------------------------------------------------------------------------
 
+import taskgate.cli_fairness  # noqa: E402 - registers `taskgate fairness`
 import taskgate.cli_rooms  # noqa: E402, F401 - registers `taskgate rooms`
 
 

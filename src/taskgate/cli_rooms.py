@@ -3,7 +3,7 @@
 ::
 
     taskgate rooms list  [--redis URL --config FILE]    # every room: policy, key, waiting, oldest wait
-    taskgate rooms show  POLICY KEY [--limit N]         # how many wait in one room, and the first ids
+    taskgate rooms show  POLICY KEY [--limit N]         # how many wait (per fair key), the next ids
     taskgate rooms purge POLICY KEY [--yes]             # remove what waits there (asks first)
 """
 
@@ -51,6 +51,10 @@ def _run(args: argparse.Namespace) -> int:
         s = room.stats(args.policy, args.key)
         if args.rooms_command == "show":
             print(f"policy {args.policy!r} key {args.key!r}: {s.depth} waiting, {s.handoff} on the way")
+            fair = room.fair_keys(args.policy, args.key)
+            if len(fair) > 1 or "" not in fair:  # shared out by fair key: how many wait for each
+                for fk, n in sorted(fair.items(), key=lambda x: -x[1])[: args.limit]:
+                    print(f"  fair key {fk!r}: {n} waiting")
             for task_id in room.list(args.policy, args.key, args.limit):
                 print(task_id)
             return 0

@@ -41,6 +41,7 @@ __all__ = [
     "BudgetSpec",
     "ConcurrencySpec",
     "DeferralSpec",
+    "FairnessSpec",
     "Policies",
     "Policy",
     "ProviderSpec",
@@ -208,6 +209,19 @@ class ProviderSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class FairnessSpec:
+    """Weights of the fair keys (``fair_key=``) in the waiting rooms of a policy: a fair key of weight ``w``
+    gets ``w / (sum of the waiting keys' weights)`` of the slots. Runtime weights in the store
+    (``taskgate fairness set``) override these."""
+
+    weights: tuple[tuple[str, float], ...] = ()
+    default_weight: float = 1.0
+
+    def weight(self, fair_key: str) -> float:
+        return dict(self.weights).get(fair_key, self.default_weight)
+
+
+@dataclass(frozen=True, slots=True)
 class Policy:
     """One named policy: any of the rate, concurrency and cost axes, and how to behave around them."""
 
@@ -222,6 +236,7 @@ class Policy:
     deferral: DeferralSpec = field(default_factory=DeferralSpec)
     counters: bool = True
     provider: ProviderSpec = field(default_factory=ProviderSpec)
+    fairness: FairnessSpec = field(default_factory=FairnessSpec)
 
     @property
     def kind(self) -> str:
@@ -243,7 +258,7 @@ class Policy:
 _POLICY_KEYS = {
     "strategy", "limit", "period", "periodMs", "burst", "capacity", "refillPerSec", "windowMs", "window",
     "buckets", "tokenBudget", "concurrency", "fail", "accounting", "bookingHorizon", "bookingGrace",
-    "deferral", "counters", "description", "arithmetic", "provider",
+    "deferral", "counters", "description", "arithmetic", "provider", "fairness",
 }  # fmt: skip
 _STRATEGY_FIELDS: dict[str, set[str]] = {
     "gcra": {"limit", "period", "periodMs", "burst"},
@@ -460,6 +475,22 @@ def _parse_provider(r: _Reader) -> ProviderSpec:
     )
 
 
+def _parse_fairness(r: _Reader) -> FairnessSpec:
+    if not r.has("fairness"):
+        return FairnessSpec()
+    f = r.mapping("fairness")
+    f.only({"weights", "defaultWeight"})
+    default = f.number("defaultWeight") if f.has("defaultWeight") else 1.0
+    weights: list[tuple[str, float]] = []
+    if f.has("weights"):
+        w = f.mapping("weights")
+        for k in w.data:
+            if not isinstance(k, str) or not k:
+                raise _bad(r.policy, "fairness.weights", k, "fair keys as non-empty strings")
+            weights.append((k, w.number(k)))
+    return FairnessSpec(weights=tuple(weights), default_weight=default)
+
+
 def _default_grace(rate: RateSpec | None) -> int:
     """A booked slot is honoured up to one emission interval late (at least 100 ms). A task that comes back
     later (a busy worker, an outage) pays again instead: late starts then never bunch up above the limit,
@@ -541,6 +572,7 @@ def parse_policy(name: str, data: object) -> Policy:
         deferral=_parse_deferral(r),
         counters=r.boolean("counters", True),
         provider=_parse_provider(r),
+        fairness=_parse_fairness(r),
     )
 
 

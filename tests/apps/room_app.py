@@ -2,7 +2,8 @@
 
 TG_BROKER, TG_STORE (taskgate store URL), TG_PREFIX (key prefix), TG_QUEUE (this run's queue), TG_RATE (the
 gcra limit per second), TG_PARK (deferral.park: always|never|auto), TG_CONC (a concurrency limit for
-``held``), TG_RECORD (Redis URL where every body start is recorded).
+``held``), TG_RECORD (Redis URL where every body start is recorded), TG_WEIGHTS (the fairness weights of
+``shared``: ``acme=3,beta=1``).
 """
 
 from __future__ import annotations
@@ -20,21 +21,20 @@ import taskgate.celery
 PREFIX = os.environ.get("TG_PREFIX", "tgroom")
 RECORD = redis.Redis.from_url(os.environ.get("TG_RECORD", "redis://127.0.0.1:6379/5"))
 PARK = os.environ.get("TG_PARK", "always")
+PACED: dict[str, Any] = {
+    "strategy": "gcra",
+    "limit": int(os.environ.get("TG_RATE", "10")),
+    "period": "1s",
+    "burst": 1,
+    "deferral": {"park": PARK},
+}
+WEIGHTS = {
+    k: float(v) for k, _, v in (w.partition("=") for w in os.environ.get("TG_WEIGHTS", "").split(",") if w)
+}
 POLICIES: dict[str, Any] = {
-    "paced": {
-        "strategy": "gcra",
-        "limit": int(os.environ.get("TG_RATE", "10")),
-        "period": "1s",
-        "burst": 1,
-        "deferral": {"park": PARK},
-    },
-    "tenant": {
-        "strategy": "gcra",
-        "limit": int(os.environ.get("TG_RATE", "10")),
-        "period": "1s",
-        "burst": 1,
-        "deferral": {"park": PARK},
-    },
+    "paced": PACED,
+    "tenant": PACED,
+    "shared": {**PACED, "fairness": {"weights": WEIGHTS}},  # one limit for all (no key), shared by fair key
     "held": {
         "concurrency": {"maxLimit": int(os.environ.get("TG_CONC", "3")), "leaseTtl": "10s"},
         "deferral": {"park": PARK},
@@ -70,6 +70,21 @@ def paced(self: Any, n: int) -> int:
 def per_tenant(self: Any, tenant: str, n: int) -> int:
     _record("start", str(self.request.id), tenant)
     return n
+
+
+@app.task(shared=False, bind=True, throttle="shared", fair_key="tenant")
+def fair(self: Any, tenant: str, n: int) -> int:
+    _record("start", str(self.request.id), tenant)
+    return n
+
+
+def _tenant_of(tenant: str) -> str:
+    raise LookupError(f"no tenant {tenant!r}")
+
+
+@app.task(shared=False, bind=True, throttle="shared", fair_key=_tenant_of)
+def fair_broken(self: Any, tenant: str) -> None:
+    _record("start", str(self.request.id), "broken")
 
 
 @app.task(shared=False, bind=True, throttle="held")

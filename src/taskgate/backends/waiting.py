@@ -8,9 +8,11 @@ layout). The life of a task that may not run yet:
    idempotent by task id: a second message for a task that waits, was promoted or already ran is recognised.
 2. ``promote`` -- one script, run by any worker's promoter when the room is due: the head is admitted by the
    very admit of ``op_admit.lua`` (rate slot consumed, lease taken, tokens reserved) and moved to the
-   hand-off set with its grant, oldest first, while the policy admits. The promoter sends the payload back
-   to the queue; a hand-off nobody claimed by its deadline (the promoter died) is handed out again with the
-   same grant.
+   hand-off set with its grant, in the room's order, while the policy admits. The order is arrival (FIFO),
+   or, across tasks declared with a fair key, weighted fair queueing (start-time fair queueing in
+   ``room.lua``: each waiting fair key gets its weight's share of the slots; one alone gets them all).
+   The promoter sends the payload back to the queue; a hand-off nobody claimed by its deadline (the
+   promoter died) is handed out again with the same grant.
 3. ``claim`` -- the worker that receives a promoted task takes its grant (exactly one claim succeeds) and
    runs it holding the grant's lease and reservation: it does not pay again.
 
@@ -29,6 +31,7 @@ from typing import Any, Literal
 
 from taskgate.admission import Admission
 from taskgate.backends._plan import AdmitReply, Plan, _s, decode_decision
+from taskgate.backends.fairness import Weights, check_weight
 from taskgate.backends.redis import RedisBackend
 from taskgate.engine import script
 from taskgate.engine.keys import ROOM_SEP, keyset, rooms_index
@@ -127,6 +130,7 @@ class WaitingRoom:
         self.room_ttl_ms = room_ttl_ms
         self.index = rooms_index(backend.prefix)
         self._admit = backend._plan  # the planner of this door (KEYS/ARGV of op admit)
+        self.weights = Weights(backend)  # fairness weights (store, then policy file), cached <= 1 s
 
     def _policy(self, name: str) -> Policy:
         p = self.backend.policy(name)
@@ -157,21 +161,33 @@ class WaitingRoom:
         park_over_ms: int = -1,
         dedupe: bool = True,
         hand_off: bool = False,
+        fair_key: str | None = None,
+        weight: float | None = None,
         now: int | None = None,
     ) -> Entered:
         """Admit ``task_id`` now, or park it (``payload`` is what sends it again). A denial whose wait is at
         most ``park_over_ms`` is returned instead of parked (-1: always park). ``hand_off=True`` (a task
-        not sent yet): an admitted task's grant is kept for its worker to claim, like a promoted one's."""
+        not sent yet): an admitted task's grant is kept for its worker to claim, like a promoted one's.
+        ``fair_key``: the room serves fair keys by weighted fair queueing (``lua/room.lua``), each at its
+        ``weight`` (default: the one in force, :class:`~taskgate.backends.fairness.Weights`); without
+        one the task waits in arrival order."""
         p = self._policy(policy)
         _check_id(task_id)
+        fk = fair_key or ""
+        if not isinstance(fk, str) or "\n" in fk or "\x1f" in fk or len(fk) > 200:
+            raise ValueError(
+                f"a fair key must be a str without newline or \\x1f of at most 200 chars, got {fair_key!r}"
+            )
+        w = self.weights.weight(p, fk) if weight is None else check_weight(weight, policy=p.name, fair_key=fk)
         escrow = self._admit.admit_units(p, key, cost, tokens)
         rid = uuid.uuid4().hex if escrow else ""
         hold = f"{task_id}.{uuid.uuid4().hex[:12]}" if p.concurrency else ""
         akeys, aargs = self._admit.admit_parts(p, key, cost, tokens, now, hold=hold, rid=rid)
-        room = keyset(self.backend.prefix, p, key).room()
+        ks = keyset(self.backend.prefix, p, key)
+        room = [*ks.room(), *ks.fair()]
         handoff = self.handoff_ms if hand_off else 0
         args: list[Any] = [task_id, payload, park_over_ms, self.room_ttl_ms, "1" if dedupe else "0", handoff]
-        args += aargs
+        args += [fk, repr(w), *aargs]
         raw = self.backend._run(Plan(script("enter", self._strategy(p)), room + akeys, args, _raw))
         status: EnterStatus = _ENTER[int(raw[0])]  # type: ignore[assignment]
         depth = int(raw[1])
@@ -190,7 +206,8 @@ class WaitingRoom:
         return Entered(status, depth, retry, None, axis)
 
     def promote(self, policy: str, key: str, most: int = 64, *, now: int | None = None) -> PromoteResult:
-        """Admit up to ``most`` tasks from the head of the room (and re-issue stale hand-offs)."""
+        """Admit up to ``most`` tasks from the head of the room, in its order (and re-issue stale
+        hand-offs)."""
         p = self._policy(policy)
         nr = most if p.accounting == "escrow" and p.budgets else 0
         plain_gcra = p.rate is not None and p.rate.strategy == "gcra" and not p.admits
@@ -199,8 +216,11 @@ class WaitingRoom:
         ks = keyset(self.backend.prefix, p, key)
         akeys, aargs = self._admit.admit_parts(p, key, 1, 0, now, hold="-" if p.concurrency else "")
         r = ks.room()
-        keys = [r[0], r[1], r[2], r[3], r[5], *(ks.reservation(x) for x in rids), *akeys]
-        args: list[Any] = [aargs[0], most, self.handoff_ms, self.room_ttl_ms, lead, nr, *rids, *aargs]
+        keys = [r[0], r[1], r[2], r[3], r[5], *ks.fair(), *(ks.reservation(x) for x in rids), *akeys]
+        default, table = self.weights.table(p)
+        pairs = [x for fk, w in table.items() if w != default for x in (fk, repr(w))]
+        args: list[Any] = [aargs[0], most, self.handoff_ms, self.room_ttl_ms, lead, nr, repr(default)]
+        args += [len(pairs) // 2, *rids, *pairs, *aargs]
         raw = self.backend._run(Plan(script("promote", self._strategy(p)), keys, args, _raw))
         n = int(raw[2])
         tasks = [
@@ -300,14 +320,22 @@ class WaitingRoom:
         return out
 
     def list(self, policy: str, key: str, most: int = 100) -> list[str]:
-        """The ids of the first ``most`` tasks waiting, oldest first."""
+        """The ids of the first ``most`` tasks waiting: the next of each fair key in the order they will be
+        served, then the others by arrival (without fair keys: oldest first)."""
         q = keyset(self.backend.prefix, self._policy(policy), key).room()[0]
         return [_s(x) for x in self.backend.client.zrange(q, 0, most - 1)]
 
+    def fair_keys(self, policy: str, key: str) -> dict[str, int]:
+        """Tasks waiting per fair key in the room ("" for work without one); empty when nothing waits."""
+        _, f = keyset(self.backend.prefix, self._policy(policy), key).fair()
+        raw: Any = self.backend.client.hgetall(f)
+        return {_s(k)[2:]: int(v) for k, v in (raw or {}).items() if _s(k).startswith("n:") and int(v) > 0}
+
     def purge(self, policy: str, key: str) -> int:
         """Remove every task waiting in the room (promoted ones keep their grants). Returns how many."""
-        r = keyset(self.backend.prefix, self._policy(policy), key).room()
-        n = int(self.backend._run(Plan(script("room_purge"), [r[0], r[1]], [], _raw)))
+        ks = keyset(self.backend.prefix, self._policy(policy), key)
+        r = ks.room()
+        n = int(self.backend._run(Plan(script("room_purge"), [r[0], r[1], *ks.fair()], [], _raw)))
         self.backend.client.zrem(self.index, room_name(policy, key))
         return n
 

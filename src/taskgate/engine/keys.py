@@ -11,9 +11,12 @@ so a key can never close the hash tag or collide with another key's layout)::
     {prefix}:{P:K}:c        concurrency leases when the limit is per key (sorted set lease -> expiry)
     {prefix}:{P}:c          concurrency leases when the limit is policy-wide
     ...:cm, ...:cw          lease meta (adaptive limit, mean hold) and waiters, beside the leases
-    {prefix}:{P:K}:wq, :wd, :wh, :wg, :wc, :wm
+    {prefix}:{P:K}:wq, :wd, :wh, :wg, :wc, :wm, :wp, :wf
                             the waiting room of (P, K) (``lua/room.lua``): order, payloads, hand-offs,
-                            grants, claimed ids, counters -- in the slot of the decision they wait for
+                            grants, claimed ids, counters, the fair keys' queues and tags -- in the slot of
+                            the decision they wait for
+    {prefix}:{P}:fw         runtime fairness weights of policy P (hash fair key -> weight), read by the
+                            callers (never by a script: it is in the slot of {P}, not of the room)
     {prefix}:rooms          index of the rooms with work (sorted set "P<US>K" -> when its head is due);
                             a hint for the promoters (never the truth: the rooms are), its own slot
 
@@ -74,6 +77,7 @@ __all__ = [
     "shares_stats_slot",
     "stats_keys",
     "unescape",
+    "weights_key",
 ]
 
 # The fixed set of counters of every bucket (names as stored, short: they are hash fields):
@@ -141,6 +145,11 @@ class KeySet:
         b = self.base
         return [b + ":wq", b + ":wd", b + ":wh", b + ":wg", b + ":wc", b + ":wm"]
 
+    def fair(self) -> list[str]:
+        """The room's fair queueing keys (``lua/room.lua``): p (the tasks behind each fair key's head) and f
+        (tags and counts per fair key)."""
+        return [self.base + ":wp", self.base + ":wf"]
+
     @property
     def meta(self) -> str:
         """Per-lease-set metadata (adaptive limit, mean hold time)."""
@@ -157,6 +166,11 @@ def keyset(prefix: str, policy: Policy, key: str) -> KeySet:
 
 
 ROOM_SEP = "\x1f"  # between the policy and the key of a room's name in the index
+
+
+def weights_key(prefix: str, policy: str) -> str:
+    """The runtime fairness weights of ``policy`` (hash fair key -> weight)."""
+    return f"{prefix}:{{{policy}}}:fw"
 
 
 def rooms_index(prefix: str) -> str:

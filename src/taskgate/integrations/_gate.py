@@ -429,6 +429,7 @@ class Gate:
         ``redelivered``: the broker gives this message again after its worker died running it (acks_late):
         its grant was claimed by that run, so it is admitted afresh, like any task, instead of dropped."""
         key = opts.key_for(args, kwargs)
+        fair_key = opts.fair_key_for(args, kwargs)
         cost = opts.units_for("cost", args, kwargs)
         tokens = opts.units_for("tokens", args, kwargs)
         b = self.backend
@@ -457,7 +458,7 @@ class Gate:
                     left = int((deadline - time.monotonic()) * 1000)
                     e = room.enter(
                         p.name, key, task_id, payload, *units, park_over_ms=max(left, -1),
-                        dedupe=not (state.promoted or redelivered),
+                        dedupe=not (state.promoted or redelivered), fair_key=fair_key,
                     )  # fmt: skip
                     if e.status != "denied":
                         break
@@ -501,7 +502,8 @@ class Gate:
         key = opts.key_for(args, kwargs)
         cost = opts.units_for("cost", args, kwargs) if p.rate else 1
         tokens = opts.units_for("tokens", args, kwargs) if p.budgets else 0
-        e = room.enter(name, key, task_id, payload, cost, tokens, hand_off=True)
+        fair_key = opts.fair_key_for(args, kwargs)
+        e = room.enter(name, key, task_id, payload, cost, tokens, hand_off=True, fair_key=fair_key)
         if e.status in ("handed", "parked"):
             return e.status
         return "duplicate"

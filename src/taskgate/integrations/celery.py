@@ -64,7 +64,13 @@ from taskgate.integrations._gate import (
     _undo,
 )
 from taskgate.integrations._runtime import Runtime
-from taskgate.integrations.options import OPTION_NAMES, ThrottleOptions, check_option_names, parse_options
+from taskgate.integrations.options import (
+    OPTION_NAMES,
+    ROOM_OPTION_NAMES,
+    ThrottleOptions,
+    check_option_names,
+    parse_options,
+)
 from taskgate.integrations.waiting import Promoter
 from taskgate.policy import PolicySource
 
@@ -159,11 +165,14 @@ def _raw(task: Task, name: str) -> Any:
     return None
 
 
+_OPTIONS = OPTION_NAMES + ROOM_OPTION_NAMES  # Celery's tasks wait in the engine's waiting room: fair_key=
+
+
 def options_of(task: Task) -> ThrottleOptions | None:
     throttle = _raw(task, "throttle")
     if throttle is None:
         return None
-    values = {n: _raw(task, n) for n in OPTION_NAMES if n != "throttle"}
+    values = {n: _raw(task, n) for n in _OPTIONS if n != "throttle"}
     given = {n: v for n, v in values.items() if v is not None}
     return parse_options(task.name, throttle, func=task.run, **given)
 
@@ -280,11 +289,11 @@ def _wrap_task_decorator(app: Celery) -> None:
             return lambda fun: task(fun, **opts)
         fun = args[0]
         name = str(opts.get("name") or f"{getattr(fun, '__module__', '?')}.{getattr(fun, '__name__', '?')}")
-        check_option_names(name, opts)
+        check_option_names(name, opts, names=_OPTIONS)
         if "throttle" in opts:
-            given = {n: opts[n] for n in OPTION_NAMES if n in opts and n != "throttle"}
+            given = {n: opts[n] for n in _OPTIONS if n in opts and n != "throttle"}
             parse_options(name, opts["throttle"], func=fun, **given)
-            for n in ("key", "cost", "tokens"):
+            for n in ("key", "cost", "tokens", "fair_key"):
                 if callable(opts.get(n)):
                     opts[n] = staticmethod(opts[n])
         return original(fun, **opts)

@@ -8,9 +8,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-__all__ = ["OPTION_NAMES", "ThrottleOptions", "check_option_names", "parse_options"]
+__all__ = ["OPTION_NAMES", "ROOM_OPTION_NAMES", "ThrottleOptions", "check_option_names", "parse_options"]
 
 OPTION_NAMES = ("throttle", "key", "cost", "tokens", "max_deferrals", "on_exhausted", "book")
+# Options only the engine's waiting room reads (Celery's integration parks there; RQ's does not yet, so it
+# rejects them as unknown rather than ignore them).
+ROOM_OPTION_NAMES = ("fair_key",)
 Units = int | Callable[..., int]
 
 
@@ -28,6 +31,7 @@ class ThrottleOptions:
     on_exhausted: Literal["fail", "run"] | None = None
     book: bool = True
     signature: inspect.Signature | None = None
+    fair_key: str | Callable[..., object] | None = None
 
     def _values(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
         if self.signature is None:
@@ -63,24 +67,43 @@ class ThrottleOptions:
                 f"task's arguments (name its parameters after the task's, or take **kwargs): {e}"
             ) from e
 
-    def key_for(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> str:
+    def _pick(
+        self, what: str, spec: str | Callable[..., object], args: Sequence[Any], kwargs: Mapping[str, Any]
+    ) -> str:
+        """The value of option ``what`` (a parameter name or a callable) as a key: a non-empty str or int."""
         k: object
-        if self.key is None:
-            return "*"
-        if isinstance(self.key, str):
+        if isinstance(spec, str):
             values = self._values(args, kwargs)
-            if self.key not in values:
-                raise ValueError(f"task {self.task!r}: key={self.key!r} is not one of its parameters")
-            k = values[self.key]
+            if spec not in values:
+                raise ValueError(f"task {self.task!r}: {what}={spec!r} is not one of its parameters")
+            k = values[spec]
+        elif what == "key":
+            k = self._call(what, spec, args, kwargs)
         else:
-            k = self._call("key", self.key, args, kwargs)
+            try:
+                k = self._call(what, spec, args, kwargs)
+            except ValueError:
+                raise
+            except Exception as e:
+                raise ValueError(
+                    f"task {self.task!r}: {what}= callable {getattr(spec, '__name__', spec)!r} raised "
+                    f"{type(e).__name__}: {e}"
+                ) from e
         if isinstance(k, (str, int)) and not isinstance(k, bool):
             s = str(k)
             if s:
                 return s
+        noun = "throttle key" if what == "key" else "fair key"
         raise ValueError(
-            f"task {self.task!r}: key= gave {k!r}; a throttle key must be a non-empty str or an int"
+            f"task {self.task!r}: {what}= gave {k!r}; a {noun} must be a non-empty str or an int"
         )
+
+    def key_for(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> str:
+        return "*" if self.key is None else self._pick("key", self.key, args, kwargs)
+
+    def fair_key_for(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> str | None:
+        """The task's fair key in its waiting rooms (None: it waits in arrival order)."""
+        return None if self.fair_key is None else self._pick("fair_key", self.fair_key, args, kwargs)
 
     def units_for(self, what: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> int:
         v: object = self.cost if what == "cost" else self.tokens
@@ -93,12 +116,17 @@ class ThrottleOptions:
         return v
 
 
-def check_option_names(task: str, given: Mapping[str, Any], known_elsewhere: Sequence[str] = ()) -> None:
+def check_option_names(
+    task: str,
+    given: Mapping[str, Any],
+    known_elsewhere: Sequence[str] = (),
+    names: Sequence[str] = OPTION_NAMES,
+) -> None:
     """Fail on a misspelt throttle option (``throtle=``), naming it and the option it resembles."""
     for name in given:
-        if name in OPTION_NAMES or name in known_elsewhere:
+        if name in names or name in known_elsewhere:
             continue
-        close = difflib.get_close_matches(name, OPTION_NAMES, n=1, cutoff=0.75)
+        close = difflib.get_close_matches(name, names, n=1, cutoff=0.75)
         if close:
             raise TypeError(f"task {task!r}: unknown option {name!r}; did you mean {close[0]!r}?")
 
@@ -113,6 +141,7 @@ def parse_options(
     max_deferrals: object = None,
     on_exhausted: object = None,
     book: object = True,
+    fair_key: object = None,
     func: Callable[..., Any] | None = None,
 ) -> ThrottleOptions:
     """Validate the options of ``task``; every error names the task, the option and the value."""
@@ -126,20 +155,21 @@ def parse_options(
         policies = tuple(throttle)
     else:
         raise bad("throttle", throttle, "a policy name or a non-empty list of policy names")
-    if key is not None and not isinstance(key, str) and not callable(key):
-        raise bad("key", key, "a callable of the task's arguments or the name of one of its parameters")
     sig = None
     if func is not None:
         try:
             sig = inspect.signature(func)
         except (TypeError, ValueError):
             sig = None
-    if isinstance(key, str) and sig is not None:
-        names = [n for n, p in sig.parameters.items() if p.kind is not inspect.Parameter.VAR_KEYWORD]
-        if key not in names and not any(
-            p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values()
-        ):
-            raise bad("key", key, f"one of the task's parameters {names}")
+    for opt, v in (("key", key), ("fair_key", fair_key)):
+        if v is not None and (not (isinstance(v, str) and v) and not callable(v)):
+            raise bad(opt, v, "a callable of the task's arguments or the name of one of its parameters")
+        if isinstance(v, str) and sig is not None:
+            names = [n for n, p in sig.parameters.items() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+            if v not in names and not any(
+                p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values()
+            ):
+                raise bad(opt, v, f"one of the task's parameters {names}")
     for opt, v, lo in (("cost", cost, 1), ("tokens", tokens, 0)):
         if not callable(v) and (isinstance(v, bool) or not isinstance(v, int) or v < lo):
             raise bad(opt, v, f"an int >= {lo} or a callable of the task's arguments")
@@ -154,11 +184,12 @@ def parse_options(
     return ThrottleOptions(
         task=task,
         policies=policies,
-        key=key,
+        key=key,  # type: ignore[arg-type]
         cost=cost,  # type: ignore[arg-type]
         tokens=tokens,  # type: ignore[arg-type]
         max_deferrals=max_deferrals,
         on_exhausted=on_exhausted,
         book=book,
         signature=sig,
+        fair_key=fair_key,  # type: ignore[arg-type]
     )

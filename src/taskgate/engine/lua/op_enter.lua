@@ -1,18 +1,22 @@
 -- op enter: admit a task, or park it in the waiting room of its (policy, key) -- one atomic call.
--- A task is admitted only when nobody waits before it (FIFO: arrivals never overtake parked work).
--- KEYS  [1] q  [2] d  [3] h  [4] g  [5] c  [6] m  (room.lua)  [7 ..] the admit KEYS (op_admit.lua)
+-- A task is admitted only when nobody waits (arrivals never overtake parked work); a parked task takes
+-- its place in the room's order (room.lua: start-time fair queueing across fair keys, FIFO within one).
+-- KEYS  [1] q  [2] d  [3] h  [4] g  [5] c  [6] m  [7] p  [8] f  (room.lua)  [9 ..] the admit KEYS (op_admit.lua)
 -- ARGV  [1] task id  [2] payload  [3] park_over_ms: a denial whose wait is at most this is returned, not
 --       parked (-1: always park)  [4] room ttl ms  [5] dedupe 1|0  [6] hand-off ms: 0, or admitted work is
---       handed off like promoted work (when it is sent: the worker claims the grant)
---       [7 ..] the admit ARGV (op_admit.lua)
+--       handed off like promoted work (when it is sent: the worker claims the grant)  [7] fair key ("":
+--       none; no newline nor \31)  [8] its weight (> 0; read by the caller from the policy and the store)
+--       [9 ..] the admit ARGV (op_admit.lua)
 -- Reply {status, depth, <the admit reply (11 fields)>}: status 1 admitted, 3 admitted and handed off,
 --       0 denied (not parked: a short wait), 2 parked (depth = waiting after it joined; with the admit
 --       reply when it was the first: its retry_after is when the room is due), -1 already waiting or
 --       promoted (a duplicate message), -2 already claimed (ran: a duplicate).
 local R = { q = KEYS[1], d = KEYS[2], h = KEYS[3], g = KEYS[4], c = KEYS[5], m = KEYS[6] }
+R.p, R.f = KEYS[7], KEYS[8]
 local id, payload, park_over, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local handoff = tonumber(ARGV[6])
-local AK, AA = room_slice(KEYS, 7), room_slice(ARGV, 7)
+local fair_key, weight = ARGV[7], tonumber(ARGV[8])
+local AK, AA = room_slice(KEYS, 9), room_slice(ARGV, 9)
 local now = tg_now(AA[1])
 AA[1] = now
 if ARGV[5] == '1' then
@@ -38,8 +42,10 @@ end
 local seq = redis.call('HINCRBY', R.m, 'seq', 1)
 redis.call('HINCRBY', R.m, 'np', 1)
 if handoff > 0 then redis.call('HINCRBY', R.m, 'nsp', 1) end  -- parked when sent: it never was on the broker
-redis.call('ZADD', R.q, seq, id)
-redis.call('HSET', R.d, id, AA[2] .. ' ' .. AA[3] .. ' ' .. now .. '\n' .. payload)
+local tag = ''
+if fair_key ~= '' then tag = ' ' .. fair_key end
+redis.call('HSET', R.d, id, AA[2] .. ' ' .. AA[3] .. ' ' .. now .. tag .. '\n' .. payload)
+room_park(R, id, fair_key, weight, tonumber(AA[2]), seq, depth == 0)
 room_expire(R, ttl)
 if r == nil then return { 2, depth + 1 } end
 return { 2, depth + 1, unpack(r) }

@@ -1,20 +1,27 @@
--- op promote: hand the head of the waiting room its grant, oldest first, while the policy admits it.
+-- op promote: hand the head of the waiting room its grant, in the room's order (room.lua: least start tag,
+-- then arrival; FIFO without fair keys), while the policy admits it. V advances to each promoted start tag.
 -- Each promoted task is admitted by the very admit of op_admit.lua (rate slot consumed, lease taken,
 -- tokens reserved) and moves to the hand-off set until a worker claims it; a hand-off not claimed by its
 -- deadline (the promoter died before sending it) is handed out again, with the same grant.
--- KEYS  [1] q  [2] d  [3] h  [4] g  [5] m  (room.lua)  [6 .. 5+nr] reservation keys (one per escrowed
---       promotion, in order)  [6+nr ..] the admit KEYS (op_admit.lua; its reservation key is replaced)
+-- KEYS  [1] q  [2] d  [3] h  [4] g  [5] m  [6] p  [7] f  (room.lua)  [8 .. 7+nr] reservation keys (one
+--       per escrowed promotion, in order)  [8+nr ..] the admit KEYS (op_admit.lua; its reservation key is
+--       replaced)
 -- ARGV  [1] now (0 = TIME)  [2] most to promote  [3] hand-off ms  [4] room ttl ms  [5] lead ms: a plain
---       gcra policy books slots up to this far ahead (0: none)  [6] nr  [7 .. 6+nr] reservation ids
---       [7+nr ..] the admit ARGV (holder "" = no concurrency, else any)
+--       gcra policy books slots up to this far ahead (0: none)  [6] nr  [7] default weight  [8] nw
+--       [9 .. 8+nr] reservation ids  [9+nr .. 8+nr+2*nw] fair key, weight (the weights in force that are
+--       not the default)  [9+nr+2*nw ..] the admit ARGV (holder "" = no concurrency, else any)
 -- Reply {next_due, depth, n, id_1, grant_1, payload_1, ...}: next_due = when the head may be promoted
 --       (0: the room is empty), depth = still waiting. A grant booked ahead is valid from its valid_at:
 --       the worker waits for it (at most `lead`), so a promoter that runs late loses no slot.
-local R = { q = KEYS[1], d = KEYS[2], h = KEYS[3], g = KEYS[4], m = KEYS[5] }
+local R = { q = KEYS[1], d = KEYS[2], h = KEYS[3], g = KEYS[4], m = KEYS[5], p = KEYS[6], f = KEYS[7] }
 local now = tg_now(ARGV[1])
 local most, handoff, ttl = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local lead, nr = tonumber(ARGV[5]), tonumber(ARGV[6])
-local AK, AA = room_slice(KEYS, 6 + nr), room_slice(ARGV, 7 + nr)
+local default_weight, nw = tonumber(ARGV[7]), tonumber(ARGV[8])
+local weights = {}
+for i = 1, nw do weights[ARGV[7 + nr + 2 * i]] = tonumber(ARGV[8 + nr + 2 * i]) end
+local function weight(fk) return weights[fk] or default_weight end
+local AK, AA = room_slice(KEYS, 8 + nr), room_slice(ARGV, 9 + nr + 2 * nw)
 AA[1] = now
 if lead > 0 then AA[9] = '1'; AA[#AA] = lead end  -- book (gcra's horizon is the last admit argument)
 local conc = AA[4] ~= ''
@@ -35,20 +42,21 @@ for _, id in ipairs(stale) do
 end
 local used, next_due = 0, 0
 while n < most do
-  local head = redis.call('ZRANGE', R.q, 0, 0)[1]
+  local top = redis.call('ZRANGE', R.q, 0, 0, 'WITHSCORES')
+  local head, score = top[1], top[2]
   if head == nil then break end
   local rec = redis.call('HGET', R.d, head)
   if rec == nil then
     redis.call('ZREM', R.q, head)  -- purged payload: nothing to send
   else
-    local cost, tokens, _, body = room_parse(rec)
+    local cost, tokens, _, body, fk = room_parse(rec)
     local K, A = room_slice(AK, 1), room_slice(AA, 1)
     A[2], A[3] = cost, tokens
     local rid = ''
     if A[8] == 'e' and tokens > 0 then
       if used >= nr then break end
       used = used + 1
-      K[6], rid = KEYS[5 + used], ARGV[6 + used]
+      K[6], rid = KEYS[7 + used], ARGV[8 + used]
     end
     if conc then A[4] = head .. '.' .. redis.call('HINCRBY', R.m, 'seq', 1) end
     local r = tg_admit(K, A)
@@ -62,6 +70,7 @@ while n < most do
     if r[11] == 0 then rid = '' end
     local grant = r[9] .. '|' .. r[10] .. '|' .. rid .. '|' .. r[11] .. '|' .. valid_at
     redis.call('ZREM', R.q, head)
+    room_next(R, head, fk, score, weight)
     redis.call('ZADD', R.h, now + handoff, head)
     redis.call('HSET', R.g, head, grant)
     redis.call('HINCRBY', R.m, 'npr', 1)

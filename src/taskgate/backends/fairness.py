@@ -1,0 +1,137 @@
+"""Fairness weights: how the waiting rooms of a policy split its slots across fair keys.
+
+A task declared with ``fair_key=`` waits in its room as one of that fair key's tasks, and the room serves fair
+keys by start-time fair queueing (``engine/lua/room.lua``): a fair key of weight ``w`` gets ``w / (sum of the
+waiting fair keys' weights)`` of what the policy admits. A weight comes from, first to last:
+
+1. the store: one hash per policy, ``{prefix}:{P}:fw`` (fair key -> weight), written by :func:`set_weight`
+   (``taskgate fairness set POLICY FAIRKEY WEIGHT``);
+2. the policy file: ``fairness: {weights: {acme: 3}, defaultWeight: 1}``.
+
+The weights hash is in the slot of ``{P}`` and a room in the slot of its ``{P:K}``, so no script reads both:
+the caller reads the weights (:class:`Weights`, cached at most :data:`WEIGHT_CACHE_S` per process, so a change
+is in force fleet-wide within a second) and passes the task's weight to the room's script in ARGV.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+import time
+from typing import Any
+
+from taskgate.backends._plan import _s
+from taskgate.backends.redis import _UNAVAILABLE, RedisBackend
+from taskgate.engine.keys import weights_key
+from taskgate.logs import key_text, log
+from taskgate.policy import Policy
+
+__all__ = [
+    "WEIGHT_CACHE_S",
+    "Weights",
+    "check_weight",
+    "clear_weight",
+    "set_weight",
+    "stored_weights",
+    "weights_in_force",
+]
+
+WEIGHT_CACHE_S = 1.0
+
+
+def check_weight(weight: object, *, policy: str = "?", fair_key: str = "?") -> float:
+    """``weight`` (a number, or a str of one) as a float, or ValueError naming the policy, the fair key and
+    the value."""
+    w = float("nan")
+    if isinstance(weight, (int, float)) and not isinstance(weight, bool):
+        w = float(weight)
+    elif isinstance(weight, str):
+        with contextlib.suppress(ValueError):
+            w = float(weight)
+    if not (math.isfinite(w) and w > 0):
+        raise ValueError(
+            f"policy {policy!r}: fairness weight of fair key {fair_key!r} = {weight!r}: expected a number > 0"
+        )
+    return w
+
+
+def _check_key(fair_key: object) -> str:
+    if not isinstance(fair_key, str) or not fair_key:
+        raise ValueError(f"a fair key must be a non-empty str, got {fair_key!r}")
+    return fair_key
+
+
+def set_weight(backend: RedisBackend, policy: str, fair_key: str, weight: float | str) -> float:
+    """Store the weight of ``fair_key`` in the rooms of ``policy`` (fleet-wide within a second). Unknown
+    policy: :class:`~taskgate.errors.PolicyNotFoundError`."""
+    p = backend.policy(policy)
+    w = check_weight(weight, policy=p.name, fair_key=_check_key(fair_key))
+    _store(backend, "hset", weights_key(backend.prefix, p.name), fair_key, repr(w))
+    log.info("taskgate: policy %r: fairness weight of fair key %s set to %s", p.name, key_text(fair_key), w)
+    return w
+
+
+def clear_weight(backend: RedisBackend, policy: str, fair_key: str) -> bool:
+    """Remove the stored weight of ``fair_key`` (the policy file's applies again). True if there was one."""
+    p = backend.policy(policy)
+    n = int(_store(backend, "hdel", weights_key(backend.prefix, p.name), _check_key(fair_key)))
+    if n:
+        log.info("taskgate: policy %r: stored weight of fair key %s removed", p.name, key_text(fair_key))
+    return n > 0
+
+
+def stored_weights(backend: RedisBackend, policy: str) -> dict[str, float]:
+    """The weights stored for ``policy`` (not those of the policy file)."""
+    p = backend.policy(policy)
+    raw: Any = _store(backend, "hgetall", weights_key(backend.prefix, p.name))
+    return {_s(k): float(_s(v)) for k, v in (raw or {}).items()}
+
+
+def weights_in_force(backend: RedisBackend, policy: str) -> tuple[float, dict[str, tuple[float, str]]]:
+    """(the default weight, fair key -> (weight, "store" or "policy file")) of every fair key named."""
+    p = backend.policy(policy)
+    out = {k: (w, "policy file") for k, w in p.fairness.weights}
+    out.update({k: (w, "store") for k, w in stored_weights(backend, p.name).items()})
+    return p.fairness.default_weight, out
+
+
+def _store(backend: RedisBackend, command: str, *args: str) -> Any:
+    try:
+        return getattr(backend.client, command)(*args)
+    except _UNAVAILABLE as e:
+        raise backend._unavailable(e) from e
+
+
+class Weights:
+    """The weight of a fair key in force (store, then policy file), each policy's stored weights read at
+    most once per ``ttl_s`` per process. Thread-safe."""
+
+    def __init__(self, backend: RedisBackend, ttl_s: float = WEIGHT_CACHE_S) -> None:
+        self.backend = backend
+        self.ttl_s = ttl_s
+        self._cache: dict[str, tuple[float, dict[str, float]]] = {}
+        self._lock = threading.Lock()
+
+    def _stored(self, policy: Policy) -> dict[str, float]:
+        now = time.monotonic()
+        with self._lock:
+            hit = self._cache.get(policy.name)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        stored = stored_weights(self.backend, policy.name)
+        with self._lock:
+            self._cache[policy.name] = (now + self.ttl_s, stored)
+        return stored
+
+    def weight(self, policy: Policy, fair_key: str) -> float:
+        if not fair_key:
+            return policy.fairness.default_weight
+        w = self._stored(policy).get(fair_key)
+        return w if w is not None and w > 0 else policy.fairness.weight(fair_key)
+
+    def table(self, policy: Policy) -> tuple[float, dict[str, float]]:
+        """(the default weight, fair key -> weight) for every fair key given a weight (file or store)."""
+        out = dict(policy.fairness.weights)
+        out.update({k: w for k, w in self._stored(policy).items() if w > 0})
+        return policy.fairness.default_weight, out
