@@ -12,8 +12,9 @@ acks_late) on ``tests/apps/room_app.py``, one plain gcra policy on one key. The 
 
 Checks: every task ran (none lost); none ran twice, except a task the killed worker was running (acks_late
 redelivery, Celery's own at-least-once, at most once more); the start rate over the run never above the limit
-(+2%); outside the seconds after the stopped worker resumes (it starts the grants it held together), no
-1-second window above limit + burst + 1; most tasks waited in the room.
+(+2%); outside the 3 seconds after the store restart and after the stopped worker resumes (granted work
+held back by them starts together), no 1-second window above limit + burst + 1; most tasks waited in the
+room.
 """
 
 from __future__ import annotations
@@ -105,6 +106,7 @@ def run(plan: RoomPlan, tmp: Path, logdir: Path, say: Callable[[str], None]) -> 
         worker()
         at(0.5)
         down, up = store.restart()
+        restarted = up
         faults.append(f"room: store restarted (AOF) at +{down - t0:.1f}s, up after {up - down:.2f}s")
         at(0.7)
         stopped = workers[1]
@@ -133,7 +135,7 @@ def run(plan: RoomPlan, tmp: Path, logdir: Path, say: Callable[[str], None]) -> 
         _delete_queues(room_app.app, env["TG_QUEUE"])
         store.stop()
         records.stop()
-    return _checks(plan, raw, killed_at, killed.pid, resumed, counts), faults
+    return _checks(plan, raw, killed_at, killed.pid, (restarted, resumed), counts), faults
 
 
 def _text(x: bytes | str) -> str:
@@ -162,7 +164,7 @@ def _checks(
     raw: list[list[str]],
     killed_at: float,
     killed_pid: int,
-    resumed: float,
+    bunching: tuple[float, ...],
     counts: dict[str, int],
 ) -> list[Check]:
     ids = [r[0] for r in raw]
@@ -174,7 +176,9 @@ def _checks(
     bad = sorted(i for i in twice if i not in cut_short or n[i] > 2)
     span = times[-1] - times[0] if len(times) > 1 else 0.0
     rate = (len(times) - 1) / span if span else 0.0
-    calm = [t for t in times if not resumed <= t < resumed + 3]
+    # after the store restart (work deferred while it was down comes back) and after the stopped worker
+    # resumes (it starts the grants it held), granted tasks start together: those seconds are left out
+    calm = [t for t in times if not any(b <= t < b + 3 for b in bunching)]
     top, _ = max_in_window(calm)
     parked = counts.get("np", 0)
     return [
@@ -190,7 +194,8 @@ def _checks(
             "room: the limit held",
             rate <= plan.rate * 1.02 and top <= plan.rate + 2,
             f"{rate:.2f} starts/s over {span:.0f}s (limit {plan.rate}); most in 1 s {top} outside the 3 s "
-            f"after the stopped worker resumed (limit + burst + 1 = {plan.rate + 2})",
+            f"after the store restart and after the stopped worker resumed (limit + burst + 1 = "
+            f"{plan.rate + 2})",
         ),
         Check(
             "room: the backlog waited in the engine",

@@ -195,7 +195,10 @@ def test_the_index_of_due_rooms(room: WaitingRoom) -> None:
     assert sorted(due) == [("r", "k1"), ("r", "k2")]
     assert room.due_rooms(now=NOW + 200)[2] == []  # leased to the first promoter
     res = room.promote("r", "k1", 5, now=NOW + 100)
-    room.reschedule("r", "k1", res)  # empty now: out of the index
+    room.reschedule("r", "k1", res)  # nothing waits, but b is on its way: due when its hand-off lapses
+    assert ("r", "k1", NOW + 100 + room.handoff_ms) in room.rooms()
+    assert room.claim("r", "k1", "b", now=NOW + 110).status == "claimed"
+    room.reschedule("r", "k1", room.promote("r", "k1", 5, now=NOW + 120))  # empty: out of the index
     assert [(p, k) for p, k, _ in room.rooms()] == [("r", "k2")]
     assert room.purge("r", "k2") == 1
     assert room.rooms() == []

@@ -24,6 +24,7 @@ re-checks, so a task parked meanwhile is never forgotten).
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -203,6 +204,9 @@ class WaitingRoom:
         axis = _s(reply[7]) if len(reply) > 7 else ""
         if status == "parked" and len(reply) > 4:  # it was the first: the room is due when its head is
             self._schedule_first(room_name(policy, key), retry, now)
+        elif status == "handed":  # if its message is never claimed, the room sends it again then
+            due = (now or int(time.time() * 1000)) + self.handoff_ms
+            self.backend.client.zadd(self.index, {room_name(policy, key): due}, lt=True)
         return Entered(status, depth, retry, None, axis)
 
     def promote(self, policy: str, key: str, most: int = 64, *, now: int | None = None) -> PromoteResult:
@@ -267,7 +271,7 @@ class WaitingRoom:
         """Put the room back in the index at its next due time, or take it out once empty."""
         name = room_name(policy, key)
         c = self.backend.client
-        if result.depth > 0:
+        if result.next_due > 0:  # work waits, or a hand-off may have to go out again
             c.zadd(self.index, {name: result.next_due})
             return
         c.zrem(self.index, name)
@@ -342,7 +346,7 @@ class WaitingRoom:
 
 @dataclass(frozen=True, slots=True)
 class PromoteResult:
-    next_due: int  # when the head may be admitted (0: the room is empty)
+    next_due: int  # when the head may be admitted, or an unclaimed hand-off re-sent (0: nothing to do)
     depth: int  # still waiting
     tasks: list[Promoted]
 

@@ -23,6 +23,7 @@ holds the key) and the body's error stands.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import threading
@@ -56,6 +57,9 @@ class DeferralState:
     outages: int = 0
     promoted: str = ""  # the policy whose waiting room promoted this message (it carries that grant)
     provider: int = 0  # deferrals after the task's own 429s (capped by the policy's provider.maxDeferrals)
+    # the store went away while this task was being decided in a waiting room: whether its claim or park
+    # went through is unknown, so a "duplicate" answer next time cannot be trusted (it is decided afresh)
+    unsure: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -67,6 +71,8 @@ class DeferralState:
             d["promoted"] = self.promoted
         if self.provider:  # only once the provider refused the task: the header stays as it was otherwise
             d["provider"] = self.provider
+        if self.unsure:
+            d["unsure"] = 1
         return d
 
     @classmethod
@@ -79,6 +85,7 @@ class DeferralState:
             bookings={str(k): str(v) for k, v in b.items()} if isinstance(b, Mapping) else {},
             outages=int(d.get("outages", 0) or 0),
             promoted=str(d.get("promoted") or ""),
+            unsure=bool(d.get("unsure")),
             provider=int(d.get("provider", 0) or 0),
         )
 
@@ -407,7 +414,7 @@ class Gate:
             opts.task,
             wait / 1000,
         )
-        nxt = DeferralState(state.deferrals, bookings, state.outages + 1, provider=state.provider)
+        nxt = dataclasses.replace(state, bookings=bookings, outages=state.outages + 1)
         return Deferred(wait, nxt, current.name, "unavailable", None, current.deferral, reason="unavailable")
 
     def enter_room(
@@ -437,35 +444,49 @@ class Gate:
         ordered = [p for p in policies if p.admits] + [p for p in policies if not p.admits]
         held: list[Admission] = []
         current = ordered[0]
+        # a message is a copy of one that ran only when the store says so for certain: not after its
+        # worker died running it (acks_late redelivery), nor when the store went away mid-decision
+        trusted = not (redelivered or state.unsure)
         try:
             for p in ordered:
                 current = p
                 units = (cost if p.rate else 1, tokens if p.budgets else 0)
                 if p.name == state.promoted:
+                    state = dataclasses.replace(state, unsure=True)  # until the claim answers
                     c = room.claim(p.name, key, task_id, units[1])
+                    state = dataclasses.replace(state, unsure=False)
                     if c.admission is not None:
                         held.append(c.admission)
                         if c.wait_ms > 0:  # a rate slot booked ahead by the promoter: start at the slot
                             self.sleep(c.wait_ms / 1000.0)
                         continue
-                    if c.status == "duplicate" and not redelivered:
+                    if c.status == "duplicate" and trusted:
                         _undo(held)
                         self.stats.note("duplicate")
                         return Parked(p.name, 0, "", duplicate=True)
                     # its lease expired on the way, or the room forgot it: admitted like any other
                 deadline = time.monotonic() + self.short_wait_ms / 1000.0
+                state = dataclasses.replace(state, unsure=True)  # until the room answers
                 while True:
                     left = int((deadline - time.monotonic()) * 1000)
                     e = room.enter(
                         p.name, key, task_id, payload, *units, park_over_ms=max(left, -1),
-                        dedupe=not (state.promoted or redelivered), fair_key=fair_key,
+                        dedupe=trusted and not state.promoted, fair_key=fair_key,
                     )  # fmt: skip
                     if e.status != "denied":
                         break
                     self.sleep(e.retry_after_ms / 1000.0)
+                state = dataclasses.replace(state, unsure=False)
                 if e.admission is not None:
                     held.append(e.admission)
                     continue
+                if e.status == "waiting":  # on its way from a room (sent with its grant): take the grant
+                    c = room.claim(p.name, key, task_id, units[1])
+                    if c.admission is not None:
+                        held.append(c.admission)
+                        if c.wait_ms > 0:
+                            self.sleep(c.wait_ms / 1000.0)
+                        continue
                 _undo(held)
                 dup = e.status != "parked"
                 self.stats.note("duplicate" if dup else e.binding_axis or "waiting")

@@ -10,8 +10,9 @@
 --       gcra policy books slots up to this far ahead (0: none)  [6] nr  [7] default weight  [8] nw
 --       [9 .. 8+nr] reservation ids  [9+nr .. 8+nr+2*nw] fair key, weight (the weights in force that are
 --       not the default)  [9+nr+2*nw ..] the admit ARGV (holder "" = no concurrency, else any)
--- Reply {next_due, depth, n, id_1, grant_1, payload_1, ...}: next_due = when the head may be promoted
---       (0: the room is empty), depth = still waiting. A grant booked ahead is valid from its valid_at:
+-- Reply {next_due, depth, n, id_1, grant_1, payload_1, ...}: next_due = when the head may be promoted,
+--       or, with nothing waiting, when the first hand-off still unclaimed falls due to go out again (0: the
+--       room is empty and nothing is on its way), depth = still waiting. A grant booked ahead is valid from its valid_at:
 --       the worker waits for it (at most `lead`), so a promoter that runs late loses no slot.
 local R = { q = KEYS[1], d = KEYS[2], h = KEYS[3], g = KEYS[4], m = KEYS[5], p = KEYS[6], f = KEYS[7] }
 local now = tg_now(ARGV[1])
@@ -80,6 +81,10 @@ while n < most do
 end
 local depth = redis.call('ZCARD', R.q)
 if depth > 0 and next_due == 0 then next_due = now end
+if depth == 0 then  -- nothing waits: the room stays due while a hand-off may have to go out again
+  local first = redis.call('ZRANGE', R.h, 0, 0, 'WITHSCORES')
+  next_due = tonumber(first[2] or 0)
+end
 if depth > 0 or n > 0 then room_expire(R, ttl) end
 out[1], out[2], out[3] = next_due, depth, n
 return out
