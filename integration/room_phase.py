@@ -13,9 +13,9 @@ acks_late) on ``tests/apps/room_app.py``, one plain gcra policy on one key. The 
 Checks: every task ran (none lost); none ran twice, except a task the killed worker was running (acks_late
 redelivery, Celery's own at-least-once, at most once more); the start rate over the run never above the limit
 (+2%); outside the 3 seconds after each fault's recovery (the killed worker replaced, the store back, the
-stopped worker resumed: granted work held back by the fault starts together), no 2-second window above 2 x limit + burst + 1 (at 100-250/s a start
-a few ms late crosses a 1-second boundary: the engine's slots are exact, the starts jitter); most tasks
-waited in the room.
+stopped worker resumed: granted work held back by the fault starts together), no 2-second window above
+2 x limit + burst + 1 (at 100-250/s a start a few ms late crosses a 1-second boundary: the engine's slots
+are exact, the starts jitter); most tasks waited in the room.
 """
 
 from __future__ import annotations
