@@ -43,7 +43,8 @@ if __package__ in (None, ""):  # run as a script: this file must not shadow the 
 import redis
 
 from bench._common import delete_prefix, machine_info, record
-from bench.backlog import AMQP, RECORD_URL, ROOT, STORE_URL, Workers, starts
+from bench.backlog import AMQP, RECORD_URL, ROOT, STORE_URL, starts
+from bench.celery import Fleet
 
 
 def share(xs: Sequence[str], who: str) -> float:
@@ -201,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     store = redis.Redis.from_url(STORE_URL)
     logdir = ROOT / "integration" / "logs"
     logdir.mkdir(parents=True, exist_ok=True)
-    w = Workers(env, 1, a.pool, a.concurrency, logdir)
+    w = Fleet("fairness", env, 1, a.concurrency, logdir, app="tests.apps.room_app", pool=a.pool)
     lines: list[str] = []
 
     def say(s: str) -> None:

@@ -33,14 +33,15 @@ if __package__ in (None, ""):  # run as a script: this file must not shadow the 
 import redis
 
 from bench._common import delete_prefix, machine_info, record
-from bench.backlog import Workers, max_in_window
+from bench.backlog import max_in_window
+from bench.celery import Fleet
 
 ROOT = Path(__file__).resolve().parent.parent
 RQ_URL = "redis://127.0.0.1:6379/6"
 STORE_URL = "redis://127.0.0.1:6379/9"
 
 
-class RqWorkers(Workers):
+class RqWorkers(Fleet):
     """``n`` x ``rq worker`` on one queue, each in its own session (by PID; RSS, stop: as Celery's)."""
 
     def __init__(self, env: dict[str, str], n: int, queue: str, logdir: Path) -> None:
