@@ -460,8 +460,8 @@ def breakdown(bench: Bench, res: dict[str, SlicedResult]) -> str:
     many = taskgate.RedisBackend(cast(Any, _StubClient(raw_many)), pols, prefix=bench.prefix)
 
     def internals() -> list[tuple[str, Callable[[], object]]]:
-        from taskgate.backends import _plan as plan_mod
         from taskgate.engine import keys as keys_mod
+        from taskgate.engine import plan as plan_mod
 
         planner: Any = one._plan
         policy = pols["gcra"]

@@ -16,9 +16,8 @@ from typing import Any
 import pytest
 
 import taskgate
-from taskgate.backends._plan import HeartbeatReply
 from taskgate.engine.keys import keyset
-from taskgate.types import LeaseRef
+from taskgate.types import HeartbeatReply, LeaseRef
 
 N = 1_700_000_040_000
 MIN = 60_000

@@ -532,8 +532,8 @@ PLAN_POLICIES = {
 def test_check_plans_are_the_general_composition(cluster: bool) -> None:
     """check's plan (per-policy parts worked out once) is exactly the general one: the keyset of the key, the
     op's ARGV and the strategy's, then the counters' KEYS and argument; for every kind of policy and key."""
-    from taskgate.backends._plan import Planner, check_now
     from taskgate.engine.keys import keyset
+    from taskgate.engine.plan import Planner, check_now
 
     pols = taskgate.load_policies(PLAN_POLICIES)
     planner = Planner(pols, prefix="pp", cluster=cluster)

@@ -31,8 +31,8 @@ from prometheus_client.parser import text_string_to_metric_families
 import taskgate
 from taskgate._proto import throttlekit_pb2 as pb
 from taskgate._proto import throttlekit_pb2_grpc as pbg
-from taskgate.backends._plan import StatsBuffer
 from taskgate.engine.keys import STATS_SLOTS, is_stats_key, stats_keys
+from taskgate.engine.stats_buffer import StatsBuffer
 from taskgate.logs import key_text, log_keys
 from taskgate.metrics import TaskgateCollector
 from taskgate.server.hooks import DecisionEvent

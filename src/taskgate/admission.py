@@ -28,7 +28,7 @@ from taskgate.provider import Reported, is_rate_limit_error
 from taskgate.types import Decision, Settlement
 
 if TYPE_CHECKING:
-    from taskgate.backends._plan import AdmitReply, HeartbeatReply
+    from taskgate.types import AdmitReply, HeartbeatReply
 
 __all__ = [
     "Admission",

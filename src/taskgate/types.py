@@ -1,10 +1,20 @@
-"""Value types shared by every door: Decision, Forecast."""
+"""Value types shared by every door and the engine's planner: the Decision, and the replies of the engine's
+operations (admission, reservation, window leases, heartbeats)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Decision", "Forecast", "LeaseRef", "Settlement"]
+__all__ = [
+    "AdmitReply",
+    "Decision",
+    "Forecast",
+    "HeartbeatReply",
+    "LeaseRef",
+    "ReserveReply",
+    "Settlement",
+    "WindowLease",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,3 +83,39 @@ class LeaseRef:
         if not holder or n <= 0 or len(rest) <= n:
             raise ValueError(f"not a taskgate lease id: {lease_id[:80]!r}")
         return cls(lease_id, rest[:n], rest[n:], f"{holder}:{acquired}")
+
+
+@dataclass(frozen=True, slots=True)
+class AdmitReply:
+    decision: Decision
+    binding_axis: str
+    lease: LeaseRef | None
+    lease_expires_at: int
+    reservation_id: str
+    reserved_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveReply:
+    decision: Decision
+    reservation_id: str
+    expires_at: int
+
+
+@dataclass(frozen=True, slots=True)
+class WindowLease:
+    """A chunk of a fixed window's budget, spent at once (the Fleet door's Reserve): ``granted`` units (0 =
+    refused), valid until ``window_end`` (epoch-ms); ``retry_after_ms`` until the window ends when refused."""
+
+    granted: int
+    window_end: int
+    limit: int
+    retry_after_ms: int
+    now: int  # the instant the engine decided at (epoch-ms)
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatReply:
+    live: list[str]
+    reclaimed: list[str]
+    next_deadline: int

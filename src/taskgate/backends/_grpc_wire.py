@@ -1,5 +1,5 @@
 """Pure request building and reply decoding for the gRPC door, shared by ServiceBackend and its asyncio twin
-(as :mod:`taskgate.backends._plan` is for the Redis door). No I/O, and no grpc import: only the messages."""
+(as :mod:`taskgate.engine.plan` is for the Redis door). No I/O, and no grpc import: only the messages."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from typing import Any, Generic, TypeVar
 import yaml
 
 from taskgate._proto import throttlekit_pb2 as pb
-from taskgate.backends._plan import MAX_MANY, AdmitReply, HeartbeatReply
+from taskgate.engine.plan import MAX_MANY
 from taskgate.policy import Policies, parse_policy
-from taskgate.types import Decision, Forecast, LeaseRef, Settlement
+from taskgate.types import AdmitReply, Decision, Forecast, HeartbeatReply, LeaseRef, Settlement
 
 __all__ = ["Call", "Calls", "Reserved", "check_int", "decode_decision", "decode_policies", "merge_heartbeats"]
 

@@ -1,7 +1,7 @@
 """The direct door: RedisBackend and AsyncRedisBackend, one EVALSHA per decision.
 
 The twins differ only in the transport call (:meth:`_run`); planning, validation and decoding are the shared
-pure functions of :mod:`taskgate.backends._plan`.
+pure functions of :mod:`taskgate.engine.plan`.
 
 Over a Redis Cluster client the counters of per-key policies are collected by the decisions and sent later
 (:mod:`taskgate.engine.keys` says why): the collected counts ride in the same pipeline as a later call once
@@ -34,11 +34,12 @@ from taskgate.admission import (
     HeartbeatPump,
     Reservation,
 )
-from taskgate.backends._plan import AxesPlanner, HeartbeatReply, Plan, StatsBuffer, StatsDelta, WindowLease
+from taskgate.engine.plan import AxesPlanner, Plan
+from taskgate.engine.stats_buffer import StatsBuffer, StatsDelta
 from taskgate.errors import BackendUnavailableError, TaskgateError
 from taskgate.policy import Policies, Policy
 from taskgate.provider import Reported, as_report
-from taskgate.types import Decision, Forecast, Settlement
+from taskgate.types import Decision, Forecast, HeartbeatReply, Settlement, WindowLease
 
 __all__ = ["AsyncRedisBackend", "RedisBackend", "redact"]
 

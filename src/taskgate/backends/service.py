@@ -77,7 +77,6 @@ from taskgate.admission import (
     Reservation,
 )
 from taskgate.backends._grpc_wire import Call, Calls, check_int, merge_heartbeats
-from taskgate.backends._plan import AdmitReply, HeartbeatReply
 from taskgate.errors import (
     BackendUnavailableError,
     OperationNotSupportedError,
@@ -85,7 +84,7 @@ from taskgate.errors import (
     TaskgateError,
 )
 from taskgate.policy import Policies, Policy
-from taskgate.types import Decision, Forecast, Settlement
+from taskgate.types import AdmitReply, Decision, Forecast, HeartbeatReply, Settlement
 
 __all__ = ["AsyncServiceBackend", "ServiceBackend", "map_rpc_error"]
 

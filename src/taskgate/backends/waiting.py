@@ -31,13 +31,14 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from taskgate.admission import Admission
-from taskgate.backends._plan import AdmitReply, Plan, _s, decode_decision
 from taskgate.backends.fairness import Weights, check_weight
 from taskgate.backends.redis import RedisBackend
 from taskgate.engine import script
 from taskgate.engine.keys import ROOM_SEP, keyset, rooms_index
+from taskgate.engine.plan import Plan, decode_decision
+from taskgate.engine.plan import text as _s
 from taskgate.policy import Policy
-from taskgate.types import Decision, LeaseRef
+from taskgate.types import AdmitReply, Decision, LeaseRef
 
 __all__ = ["Claim", "Entered", "Grant", "Promoted", "WaitingRoom"]
 

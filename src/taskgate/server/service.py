@@ -19,8 +19,8 @@ from typing import Any, Protocol, TypeVar
 
 from taskgate._proto import throttlekit_pb2 as pb
 from taskgate._proto import throttlekit_pb2_grpc as pbg
-from taskgate.backends._plan import MAX_MANY
 from taskgate.backends.redis import AsyncRedisBackend
+from taskgate.engine.plan import MAX_MANY
 from taskgate.errors import BackendUnavailableError
 from taskgate.server.errors import map_errors
 from taskgate.server.hooks import DecisionEvent, DecisionListener

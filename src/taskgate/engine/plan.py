@@ -12,20 +12,30 @@ counts until the backend sends them with :meth:`Planner.stats_flush`).
 
 from __future__ import annotations
 
-import threading
-import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from taskgate.engine import Script, StatsMode, script
-from taskgate.engine.keys import STATS_FLUSH_S, escape, keyset, member_head, shares_stats_slot, stats_keys
+from taskgate.engine.keys import escape, keyset, member_head, shares_stats_slot, stats_keys
 from taskgate.errors import OperationNotSupportedError
 from taskgate.logs import key_text, log
 from taskgate.policy import Policies, Policy, RateSpec
 from taskgate.provider import ProviderReport, Reported
-from taskgate.types import Decision, Forecast, LeaseRef, Settlement
+from taskgate.types import (
+    AdmitReply,
+    Decision,
+    Forecast,
+    HeartbeatReply,
+    LeaseRef,
+    ReserveReply,
+    Settlement,
+    WindowLease,
+)
+
+if TYPE_CHECKING:
+    from taskgate.engine.stats_buffer import StatsDelta
 
 T = TypeVar("T")
 MAX_KEY_BYTES = 1024
@@ -94,7 +104,8 @@ def check_units(value: object, name: str, policy: str, maximum: int | None) -> i
     return value
 
 
-def _s(v: object) -> str:
+def text(v: object) -> str:
+    """A reply field as text (Redis replies bytes or str)."""
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
@@ -108,7 +119,7 @@ def decode_decision(raw: Sequence[Any], i: int = 0) -> Decision:
         int(raw[i + 3]),
         int(raw[i + 4]),
         int(raw[i + 5]) == 1,
-        _s(raw[i + 6]) if len(raw) > i + 6 else "",
+        text(raw[i + 6]) if len(raw) > i + 6 else "",
     )
 
 
@@ -302,44 +313,8 @@ class Planner:
         return Plan(script("reset"), keys, [], int)
 
 
-@dataclass(frozen=True, slots=True)
-class AdmitReply:
-    decision: Decision
-    binding_axis: str
-    lease: LeaseRef | None
-    lease_expires_at: int
-    reservation_id: str
-    reserved_tokens: int
-
-
-@dataclass(frozen=True, slots=True)
-class ReserveReply:
-    decision: Decision
-    reservation_id: str
-    expires_at: int
-
-
-@dataclass(frozen=True, slots=True)
-class WindowLease:
-    """A chunk of a fixed window's budget, spent at once (the Fleet door's Reserve): ``granted`` units (0 =
-    refused), valid until ``window_end`` (epoch-ms); ``retry_after_ms`` until the window ends when refused."""
-
-    granted: int
-    window_end: int
-    limit: int
-    retry_after_ms: int
-    now: int  # the instant the engine decided at (epoch-ms)
-
-
 def decode_window_lease(raw: Sequence[Any]) -> WindowLease:
     return WindowLease(int(raw[0]), int(raw[1]), int(raw[2]), int(raw[3]), int(raw[4]))
-
-
-@dataclass(frozen=True, slots=True)
-class HeartbeatReply:
-    live: list[str]
-    reclaimed: list[str]
-    next_deadline: int
 
 
 def _holder(holder: str | None) -> str:
@@ -410,11 +385,11 @@ class AxesPlanner(Planner):
         keys, args = self.admit_parts(p, key, cost, tokens, now, hold=hold, rid=rid, book=book, token=token)
 
         def decode(raw: Sequence[Any]) -> AdmitReply:
-            member = _s(raw[8])
+            member = text(raw[8])
             lease = LeaseRef.make(name, key, member) if member else None
             reserved = int(raw[10])
             return AdmitReply(
-                decode_decision(raw), _s(raw[7]), lease, int(raw[9]), rid if reserved else "", reserved
+                decode_decision(raw), text(raw[7]), lease, int(raw[9]), rid if reserved else "", reserved
             )
 
         return self._counted(p, "admit", p.rate.strategy if p.rate else None, keys, args, decode, key)
@@ -564,7 +539,7 @@ class AxesPlanner(Planner):
             assert c is not None
 
             def decode(raw: Sequence[Any], by_member: dict[str, str] = by_member) -> HeartbeatReply:
-                items = [_s(x) for x in raw[:-1]]
+                items = [text(x) for x in raw[:-1]]
                 bar = items.index("|")
                 return HeartbeatReply(
                     [by_member[m] for m in items[:bar]],
@@ -646,84 +621,3 @@ def _released(raw: Any) -> bool:
 
 def _none(raw: Any) -> None:
     return None
-
-
-@dataclass
-class StatsDelta:
-    """Counts collected by decisions (cluster mode), summed until they are sent."""
-
-    counters: dict[str, int] = field(default_factory=dict)
-    denied: dict[str, int] = field(default_factory=dict)
-    spent: dict[str, int] = field(default_factory=dict)
-
-    def add(self, raw: Sequence[Any], at: int = 1) -> None:
-        """Add the deltas of one reply (the part after ``now``: see ``lua/stats.lua``)."""
-        for m in (self.counters, self.denied, self.spent):
-            n = int(raw[at])
-            for j in range(n):
-                name = _s(raw[at + 1 + 2 * j])
-                m[name] = m.get(name, 0) + int(raw[at + 2 + 2 * j])
-            at += 1 + 2 * n
-
-    def merge(self, other: StatsDelta) -> None:
-        for mine, theirs in (
-            (self.counters, other.counters),
-            (self.denied, other.denied),
-            (self.spent, other.spent),
-        ):
-            for k, v in theirs.items():
-                mine[k] = mine.get(k, 0) + v
-
-    def args(self) -> list[str | int | float]:
-        out: list[str | int | float] = []
-        for m in (self.counters, self.denied, self.spent):
-            out.append(len(m))
-            for k, v in m.items():
-                out += [k, v]
-        return out
-
-
-class StatsBuffer:
-    """Deltas of cluster-mode decisions per (policy, second), thread-safe. ``due()`` once the oldest has
-    waited ``flush_s``: the backend then sends them with its next call (pipelined) or from its timer."""
-
-    def __init__(self, flush_s: float = STATS_FLUSH_S, clock: Callable[[], float] = time.monotonic) -> None:
-        self.flush_s = flush_s
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._pending: dict[tuple[str, int], StatsDelta] = {}
-        self._since = 0.0
-
-    def add(self, policy: str, raw: Sequence[Any]) -> None:
-        """Add a reply's deltas (``{now, nc, ...}``) for ``policy``."""
-        sec = int(raw[0]) // 1000
-        with self._lock:
-            if not self._pending:
-                self._since = self._clock()
-            d = self._pending.get((policy, sec))
-            if d is None:
-                d = self._pending[(policy, sec)] = StatsDelta()
-            d.add(raw)
-
-    def __bool__(self) -> bool:
-        return bool(self._pending)
-
-    def due(self) -> bool:
-        return bool(self._pending) and self._clock() - self._since >= self.flush_s
-
-    def take(self) -> list[tuple[str, int, StatsDelta]]:
-        with self._lock:
-            items, self._pending = self._pending, {}
-        return [(p, sec, d) for (p, sec), d in items.items()]
-
-    def put_back(self, items: list[tuple[str, int, StatsDelta]]) -> None:
-        """Keep deltas that could not be sent, for the next try."""
-        with self._lock:
-            if not self._pending:
-                self._since = self._clock()
-            for p, sec, d in items:
-                mine = self._pending.get((p, sec))
-                if mine is None:
-                    self._pending[(p, sec)] = d
-                else:
-                    mine.merge(d)
