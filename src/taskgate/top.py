@@ -87,13 +87,13 @@ class GrpcSource:
         import grpc
 
         from taskgate._proto import throttlekit_pb2_grpc as pbg
-        from taskgate.backends.service import _pem, parse_target
+        from taskgate.backends.service import parse_target, read_pem
 
         secure = False
         if target.startswith(("grpc://", "grpcs://")):
             target, secure = parse_target(target)
-        root = _pem(root_certificates, "root_certificates")
-        chain, key = _pem(certificate_chain, "certificate_chain"), _pem(private_key, "private_key")
+        root = read_pem(root_certificates, "root_certificates")
+        chain, key = read_pem(certificate_chain, "certificate_chain"), read_pem(private_key, "private_key")
         if (chain is None) != (key is None):
             raise ValueError(
                 "a client certificate and its key go together (mutual TLS): give both or neither"

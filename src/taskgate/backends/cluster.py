@@ -14,7 +14,8 @@ from typing import Any
 import redis.asyncio.cluster
 import redis.cluster
 
-from taskgate.backends.redis import _UNAVAILABLE, AsyncRedisBackend, RedisBackend
+from taskgate.backends._redis_base import UNAVAILABLE as _UNAVAILABLE
+from taskgate.backends.redis import AsyncRedisBackend, RedisBackend
 from taskgate.types import Decision
 
 __all__ = ["AsyncClusterRedisBackend", "ClusterRedisBackend", "cluster_url"]

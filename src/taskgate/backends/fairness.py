@@ -21,7 +21,8 @@ import threading
 import time
 from typing import Any
 
-from taskgate.backends.redis import _UNAVAILABLE, RedisBackend
+from taskgate.backends._redis_base import UNAVAILABLE as _UNAVAILABLE
+from taskgate.backends.redis import RedisBackend
 from taskgate.engine.keys import weights_key
 from taskgate.engine.plan import text as _s
 from taskgate.logs import key_text, log

@@ -57,10 +57,7 @@ def quiet(group: AdmissionGroup) -> None:
     """Stop the worker's own heartbeat of leases admitted through the room: the horse keeps them alive (a
     SIGKILLed horse's lease must expire by its TTL, as a directly admitted one's does)."""
     for a in group.admissions:
-        pump = getattr(a, "_pump", None)
-        if pump is not None:
-            pump.unregister(a)
-            a._pump = None
+        a.stop_heartbeat()
 
 
 class RqPromoter(Promoter):
