@@ -120,11 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         if args.check:
-            bad = stale()
+            bad = stale(ROOT)
             for p in bad:
                 print(f"scripts/unasync.py: {p.relative_to(ROOT)} is stale (run python scripts/unasync.py)")
             return 1 if bad else 0
-        written = generate()
+        written = generate(ROOT)
     except UnasyncError as e:
         print(f"scripts/unasync.py: {e}", file=sys.stderr)
         return 2
