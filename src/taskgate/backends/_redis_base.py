@@ -5,6 +5,7 @@ their public home."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -26,6 +27,8 @@ __all__ = [
     "merge_heartbeats",
     "redact",
     "script_error",
+    "slot_groups",
+    "time_ms",
 ]
 
 T = TypeVar("T")
@@ -117,3 +120,20 @@ class RedisBase:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url!r}, policies={sorted(self.policies)})"
+
+
+# -- Redis Cluster ------------------------------------------------------------------------------------------
+
+
+def time_ms(t: Any) -> int:
+    """Redis ``TIME`` (seconds, microseconds) in epoch-ms."""
+    sec, usec = t
+    return int(sec) * 1000 + int(usec) // 1000
+
+
+def slot_groups(client: Any, keys: Sequence[str]) -> list[list[int]]:
+    """The indexes of ``keys`` grouped by hash slot, in first-seen order."""
+    by_slot: dict[int, list[int]] = {}
+    for i, k in enumerate(keys):
+        by_slot.setdefault(client.keyslot(k), []).append(i)
+    return list(by_slot.values())
