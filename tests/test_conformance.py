@@ -8,6 +8,7 @@ long periods make the outcomes independent of timing, and the one timed test (le
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import inspect
 import sys
@@ -132,6 +133,22 @@ def admission_type(door: Any) -> type:
 def door(request: pytest.FixtureRequest, policy_file: Path) -> Iterator[Any]:
     """A fresh door of each kind, on each side; tests isolate themselves with fresh keys."""
     kind, side = request.param
+    with _door(request, policy_file, kind, side) as b:
+        yield b
+
+
+@pytest.fixture(params=DOORS)
+def twins(request: pytest.FixtureRequest, policy_file: Path) -> Iterator[list[Any]]:
+    """Both sides of a door of each kind, for a test that waits on the clock: the sides wait at once."""
+    with (
+        _door(request, policy_file, request.param, "sync") as b,
+        _door(request, policy_file, request.param, "async") as a,
+    ):
+        yield [b, a]
+
+
+@contextlib.contextmanager
+def _door(request: pytest.FixtureRequest, policy_file: Path, kind: str, side: str) -> Iterator[Any]:
     connect: Any = taskgate.connect if side == "sync" else taskgate.connect_async
     if kind == "memory":
         b: Any = connect(f"memory://{uuid.uuid4().hex}", str(policy_file))
@@ -286,24 +303,28 @@ def test_admit_release_heartbeat(door: Any) -> None:
     assert door.admit("pool", k).allowed
 
 
-def test_abandoned_slot_is_reclaimed_after_its_lease(door: Any) -> None:
-    k = fresh()
-    abandoned = door.admit("pool", k)  # never released, never renewed
-    assert abandoned.allowed
-    assert not door.admit("pool", k).allowed
+def test_abandoned_slot_is_reclaimed_after_its_lease(twins: list[Any]) -> None:
+    keys = [fresh() for _ in twins]
+    abandoned = [
+        door.admit("pool", k) for door, k in zip(twins, keys, strict=True)
+    ]  # never released, never renewed
+    assert all(a.allowed for a in abandoned)
+    assert not any(door.admit("pool", k).allowed for door, k in zip(twins, keys, strict=True))
     deadline = time.monotonic() + 5.0
-    while True:
-        again = door.admit("pool", k)
-        if again.allowed:
-            break
+    again: dict[int, Any] = {}
+    while len(again) < len(twins):
+        for i, (door, k) in enumerate(zip(twins, keys, strict=True)):
+            if i not in again and (a := door.admit("pool", k)).allowed:
+                again[i] = a
+                assert int(time.time() * 1000) >= abandoned[i].lease_expires_at - 50
         assert time.monotonic() < deadline, "the abandoned slot was never reclaimed"
         time.sleep(0.1)
-    assert int(time.time() * 1000) >= abandoned.lease_expires_at - 50
-    hb = door.heartbeat([abandoned.lease_id, again.lease_id])
-    assert hb.reclaimed == [abandoned.lease_id]
-    assert hb.live == [again.lease_id]
-    assert door.release(abandoned.lease_id) is False  # a late release frees nothing
-    assert again.release() is True
+    for i, door in enumerate(twins):
+        hb = door.heartbeat([abandoned[i].lease_id, again[i].lease_id])
+        assert hb.reclaimed == [abandoned[i].lease_id]
+        assert hb.live == [again[i].lease_id]
+        assert door.release(abandoned[i].lease_id) is False  # a late release frees nothing
+        assert again[i].release() is True
 
 
 def test_binding_axis_on_a_unified_policy(door: Any) -> None:
