@@ -13,6 +13,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+import redis.cluster
 
 import taskgate
 from taskgate.backends import memory
@@ -146,6 +147,31 @@ def test_both_sides_pipeline_the_counters_without_a_transaction() -> None:
     allowed, async_pipelines = asyncio.run(go())
     assert allowed == [True, True, False]
     assert sync_client.pipelines == async_pipelines == [{"transaction": False}] * 2
+
+
+def test_async_counters_on_a_cluster(cluster_url: str, prefix: str) -> None:
+    """The asyncio twin of test_ops.py's cluster counters: collected counts ride a later call's pipeline
+    (now without a transaction, as on the sync side) and ``aclose()`` sends the rest."""
+    from taskgate.stats import read_snapshot
+
+    async def go() -> list[bool]:
+        a = taskgate.connect_async(cluster_url, POLICY, prefix=prefix)
+        assert isinstance(a, taskgate.AsyncRedisBackend)
+        assert a._stats is not None
+        a._stats.flush_s = 0.0  # every call carries what is pending
+        out = [(await a.check("api", "a")).allowed for _ in range(3)]
+        out += [d.allowed for d in await a.check_many("api", [f"k{i}" for i in range(20)])]
+        assert a._stats  # the last call's own counts wait for the next one
+        await a.aclose()  # sends them
+        return out
+
+    assert asyncio.run(go()) == [True, True, False] + [True] * 20
+    r = redis.cluster.RedisCluster.from_url(cluster_url.replace("redis+cluster", "redis"))
+    try:
+        snap = read_snapshot(r, taskgate.load_policies(POLICY), prefix)
+    finally:
+        r.close()
+    assert (snap.policy("api").totals.allowed, snap.policy("api").totals.denied) == (22, 1)
 
 
 POLICIES = taskgate.load_policies(
