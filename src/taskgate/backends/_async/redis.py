@@ -1,5 +1,5 @@
 """The direct door, :class:`AsyncRedisBackend`: one EVALSHA per decision over a ``redis.asyncio`` client.
-The sync twin and this door are one source (``backends/_async/redis.py``; see ``scripts/unasync.py``), and
+This door and its twin are one source (``scripts/unasync.py`` writes the sync one from it), and
 :mod:`taskgate.backends.redis` is their public home.
 
 Planning, validation and decoding are the shared pure functions of :mod:`taskgate.engine.plan`; what else

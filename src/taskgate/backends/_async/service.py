@@ -1,7 +1,6 @@
 """The service door, :class:`AsyncServiceBackend`: a gRPC client (``grpc.aio``) of ``taskgate serve`` or of
-a ThrottleKit server. The sync twin and this door are one source (``backends/_async/service.py``; see
-``scripts/unasync.py``); :mod:`taskgate.backends.service` is their public home, and its docstring says how
-they work."""
+a ThrottleKit server. This door and its twin are one source (``scripts/unasync.py`` writes the sync one from
+it); :mod:`taskgate.backends.service` is their public home, and its docstring says how they work."""
 
 from __future__ import annotations
 
