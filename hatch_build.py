@@ -27,6 +27,11 @@ from hatchling.builders.hooks.plugin.interface import BuildHookInterface
 
 _GEN_PROTO = Path("scripts/gen_proto.py")
 _UNASYNC = Path("scripts/unasync.py")
+# (script, what it writes, the exception class it raises for a source it cannot generate from)
+_GENERATORS = (
+    (_GEN_PROTO, "the gRPC stubs", "ProtoGenerationError"),
+    (_UNASYNC, "the sync doors", "UnasyncError"),
+)
 
 
 def _load(root: Path, script: Path) -> ModuleType:
@@ -48,25 +53,22 @@ class CustomBuildHook(BuildHookInterface):  # type: ignore[type-arg]
         if self.target_name != "wheel":
             return
         root = Path(self.root)
-        gen_proto = _load(root, _GEN_PROTO)
-        try:
-            written: list[Path] = gen_proto.generate(root)
-        except gen_proto.ProtoGenerationError as exc:
-            raise RuntimeError(f"taskgate build: cannot generate the gRPC stubs: {exc}") from exc
-        self.app.display_info(f"taskgate: generated {len(written)} files in {gen_proto.OUT_DIR}")
-        unasync = _load(root, _UNASYNC)
-        try:
-            synced: list[Path] = unasync.generate(root)
-        except unasync.UnasyncError as exc:
-            raise RuntimeError(f"taskgate build: cannot generate the sync doors: {exc}") from exc
-        self.app.display_info(f"taskgate: generated {len(synced)} files in {unasync.OUT_DIR}")
+        written: list[Path] = []
+        for script, what, error in _GENERATORS:
+            gen = _load(root, script)
+            try:
+                files: list[Path] = gen.generate(root)
+            except getattr(gen, error) as exc:
+                raise RuntimeError(f"taskgate build: cannot generate {what}: {exc}") from exc
+            self.app.display_info(f"taskgate: generated {len(files)} files in {gen.OUT_DIR}")
+            written += files
         if version == "editable":
             return
         src = root.resolve() / "src"
-        for path in [*written, *synced]:
+        for path in written:
             build_data["force_include"][str(path)] = path.resolve().relative_to(src).as_posix()
 
     def clean(self, versions: list[str]) -> None:
         if self.target_name == "wheel":
-            _load(Path(self.root), _GEN_PROTO).clean(Path(self.root))
-            _load(Path(self.root), _UNASYNC).clean(Path(self.root))
+            for script, _, _ in _GENERATORS:
+                _load(Path(self.root), script).clean(Path(self.root))
