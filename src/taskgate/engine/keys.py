@@ -146,9 +146,10 @@ class KeySet:
         return [b + ":wq", b + ":wd", b + ":wh", b + ":wg", b + ":wc", b + ":wm"]
 
     def fair(self) -> list[str]:
-        """The room's fair queueing keys (``lua/room.lua``): p (the tasks behind each fair key's head) and f
-        (tags and counts per fair key)."""
-        return [self.base + ":wp", self.base + ":wf"]
+        """The room's fair queueing keys (``lua/room.lua``): p (the tasks behind each fair key's head), f
+        (tags and counts per fair key), s and o (starts per fair key, this window and the one before)."""
+        b = self.base
+        return [b + ":wp", b + ":wf", b + ":ws", b + ":wo"]
 
     @property
     def meta(self) -> str:
