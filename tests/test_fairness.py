@@ -5,6 +5,7 @@ The weights: policy file, store (``set_weight``), validation."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
@@ -14,12 +15,13 @@ from typing import Any
 import pytest
 
 import taskgate
-from taskgate.backends.fairness import Weights, clear_weight, set_weight, stored_weights
+from taskgate.backends.fairness import Weights, clear_weight, read_fair, set_weight, stored_weights
 from taskgate.backends.waiting import WaitingRoom
 from taskgate.engine.keys import keyset
 from taskgate.errors import InvalidPolicyError, PolicyNotFoundError
 from taskgate.integrations.options import parse_options
 from taskgate.policy import parse_policy
+from tests.conftest import REDIS_URL
 
 NOW = 1_800_000_000_000
 SLOT = 100  # gcra 10/s burst 1: one promotion per 100 ms
@@ -228,7 +230,7 @@ def test_top_and_the_exporter_show_each_fair_keys_share(room: WaitingRoom) -> No
     assert [x.fair_key for x in v.fair] == ["acme", "beta", "t0", "other"]
     acme, beta, t0, other = v.fair
     assert (acme.starts, beta.starts, t0.starts, other.starts) == (1 + got["acme"], got["beta"], 1, 5)
-    assert acme.weight == 3 and beta.weight == 1 and other.weight == 0
+    assert (acme.weight, beta.weight, other.weight) == (3, 1, 0)
     assert acme.weight_share == pytest.approx(3 / 10)  # acme, beta and six tenants that started: 3+1+6
     assert other.weight_share == pytest.approx(5 / 10)
     assert sum(x.start_share for x in v.fair) == pytest.approx(1.0)
@@ -438,6 +440,70 @@ def test_rq_fair_key_that_raises_fails_the_job_naming_it(rq_env: RqEnv) -> None:
     assert nope.get_status(refresh=True) == JobStatus.FAILED
     assert "'nope'" in str(nope.latest_result().exc_string)  # type: ignore[union-attr]
     assert e.room.depth("shared", "*") == 0  # nothing parked
+
+
+@pytest.fixture
+def rq_fleet() -> Any:
+    from tests.test_rq_room import RoomFleet
+    from tests.test_rq_workers import fleets
+
+    yield from fleets(RoomFleet)
+
+
+@pytest.mark.slow
+def test_rq_workers_share_a_limit_by_fair_key(rq_fleet: Callable[..., Any]) -> None:
+    """Real ``rq worker`` processes (2, forking), one limit of 20/s for every tenant, ``fair_key="tenant"``,
+    nothing waited out in place. Judged on the order of the starts (not their times, so a loaded box cannot
+    fail it) and on the grants the rooms counted: tenant B's 10 jobs queued behind 100 of tenant A's start
+    among the next ~20 (FIFO: after every one of A's); acme (weight 3) and beta (1) queued together split
+    3:1; every job runs once, and the engine's starts per fair key are the jobs' own."""
+    from tests.apps import rq_room_jobs as jobs
+
+    f = rq_fleet(2, TG_RATE="20", TG_SHORT_WAIT_MS="0")
+    t0 = time.time()
+    for i in range(100):
+        f.enqueue(jobs.fair, "A", i)
+    deadline = time.monotonic() + 30
+    while f.q.count or f.room("shared").depth < 40:  # every A job taken and parked: a backlog waits
+        assert time.monotonic() < deadline, f"A's jobs were not parked: {f.room('shared')}"
+        time.sleep(0.05)
+    tb = time.time()
+    for i in range(10):
+        f.enqueue(jobs.fair, "B", i)
+    f.wait(110, timeout=90)
+    got = sorted(f.records("start"), key=lambda r: r[1])
+    a_before = sum(1 for _, t, _, x in got if x == "A" and t < tb)
+    last_b = max(i for i, (_, _, _, x) in enumerate(got) if x == "B")
+    a_between = sum(1 for _, t, _, x in got[: last_b + 1] if x == "A" and t >= tb)
+    print(f"A started {a_before} before B was queued; B's 10 started among {a_between + 10} starts")
+    assert 100 - a_before >= 40  # FIFO would have started every one of these before B's last
+    assert a_between <= 10 + 6  # fair: about one of A's per one of B's
+
+    for i in range(40):  # both backlogged from the start: 3:1
+        f.enqueue(jobs.fair, "acme", i)
+        f.enqueue(jobs.fair, "beta", i)
+    f.wait(190, timeout=90)
+    time.sleep(1.0)  # anything doubled would show up by now
+    recs = f.records("start")
+    late = sorted((r for r in recs if r[3] in ("acme", "beta")), key=lambda r: r[1])
+    first = Counter(x for _, _, _, x in late[:40])
+    print(f"first 40 starts of acme (3) and beta (1): {dict(first)}")
+    assert abs(first["acme"] - 30) <= 5
+    # every job once; every grant claimed once; the engine counted each tenant's starts
+    assert len(recs) == 190
+    assert set(Counter(i for i, _, _, _ in recs).values()) == {1}
+    room = f.room("shared")
+    assert (room.depth, room.claimed) == (0, room.promoted)
+    b = taskgate.connect(REDIS_URL, jobs.POLICIES, prefix=f.prefix)
+    assert isinstance(b, taskgate.RedisBackend)
+    try:
+        (fs,) = read_fair(b, [("shared", "*")])
+    finally:
+        b.close()
+    mine = Counter(x for _, _, _, x in recs)
+    if time.time() - t0 < 60:  # both windows of the engine's count cover the run
+        assert fs.total() == mine
+    assert all(fs.total().get(k, 0) <= n for k, n in mine.items())
 
 
 def test_the_fairness_command(redis_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
