@@ -185,7 +185,8 @@ def alone(a: argparse.Namespace, appmod: Any, rec: redis.Redis, prefix: str, say
     b.close()
     per_s = [sum(1 for t in times if times[0] + i <= t < times[0] + i + 1) for i in range(5)] if times else []
     say(
-        f"first start {times[0] - t0 if times else 0:.2f}s after the first send; starts in its first 5 s: {per_s}"
+        f"first start {times[0] - t0 if times else 0:.2f}s after the first send; starts in its first 5 s: "
+        f"{per_s}"
     )
     ok = once and rate / a.rate >= 0.98 and not over and (not full or used >= 0.98)
     say(
@@ -316,7 +317,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         delete_prefix(store, prefix)
         delete_prefix(rec, prefix)
     if a.record:
-        record(f"bench/fairness.py {' '.join(sys.argv[1:])}", "\n".join(lines), machine_info())
+        load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+        meta = {**machine_info(), "load (1/5/15 min) at the end": load}
+        record(f"bench/fairness.py {' '.join(sys.argv[1:])}", "\n".join(lines), meta)
     return 0 if ok else 1
 
 
