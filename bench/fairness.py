@@ -22,6 +22,11 @@ every tenant, ``fair_key="tenant"``); the store on the local Redis (db 9), every
   tenant A queues ``--a`` tasks (10,000) and ``--after`` s later the same number of single-task tenants
   arrive the same way. Printed: the singles' waits from their own enqueue (p50 / p99 / max) in both runs,
   the ratio of the p99s (target <= 2) and A's starts meanwhile (its fair share among the fair keys waiting).
+  The ratio means something only when the singles queue among themselves (``--spread 0``: their own
+  ``tenants / rate`` s of work). Spread thinner than the limit, an uncontended single is admitted when sent
+  (a few ms), while behind A's backlog it waits for the slots the promoter has already booked for A (a plain
+  gcra room is promoted ``LEAD_MS``, 250 ms, ahead of its slots so that a late promoter loses none) plus
+  part of a slot: the bound there is absolute, about the lead plus one slot, not a ratio.
 - alone: tenant A alone queues ``--tasks`` (20,000) at once. Targets: >= 98% of the limit (starts over the
   run, and the engine's own count of A's grants in each whole minute of the run: ``read_fair``), every task
   started exactly once, no minute over the limit (+ burst); the rooms' parked/promoted/claimed counters.
