@@ -43,7 +43,9 @@ def room(connect: Callable[[Any], taskgate.RedisBackend]) -> WaitingRoom:
     return r
 
 
-def flood(room: WaitingRoom, policy: str, fair_key: str | None, n: int, at: int, tag: str = "") -> None:
+def flood(
+    room: WaitingRoom, policy: str, fair_key: str | None, n: int, at: int | None, tag: str = ""
+) -> None:
     for i in range(n):
         room.enter(policy, "k", f"{tag or fair_key}{i}", b"", fair_key=fair_key, now=at)
 
@@ -549,14 +551,20 @@ def test_operators_see_the_fair_keys(
     b = taskgate.connect(redis_url, str(cfg), prefix=prefix)
     assert isinstance(b, taskgate.RedisBackend)
     room = WaitingRoom(b, lead_ms=0)
-    flood(room, "w", "acme", 4, NOW)  # acme0 admitted
-    flood(room, "w", "beta", 2, NOW)
+    flood(room, "w", "acme", 4, None)  # acme0 admitted (the store's clock: top reads the last minute)
+    flood(room, "w", "beta", 2, None)
     assert room.fair_keys("w", "k") == {"acme": 3, "beta": 2}
     base = ["--redis", redis_url, "--config", str(cfg), "--prefix", prefix]
     assert cli.main(["rooms", *base, "show", "w", "k"]) == 0
     out = capsys.readouterr().out
     assert "fair key 'acme': 3 waiting" in out
     assert "fair key 'beta': 2 waiting" in out
+    assert cli.main(["top", *base, "--once"]) == 0  # the store's own count of starts per fair key
+    out = capsys.readouterr().out
+    assert "fair share: w" in out
+    rows = [r.split() for r in out.splitlines() if r.strip().startswith(("acme", "beta"))]
+    # fair key, starts/min, share, weight, weight share, waiting: acme0 started; both wait, 3:1 by weight
+    assert rows == [["acme", "1", "100%", "3", "75%", "3"], ["beta", "0", "0%", "1", "25%", "2"]]
     serve(room, "w", 5, NOW + SLOT)
     assert room.fair_keys("w", "k") == {}
     b.close()
