@@ -5,6 +5,7 @@
     .venv/bin/python bench/fairness.py many    [--a 10000] [--tenants 1000] [--after 2] [--spread 0]
     .venv/bin/python bench/fairness.py alone   [--tasks 20000] [--rate 100]
     ... [--pool threads -c 16] [--record]                            # --record: append to bench/RESULTS.md
+    ... [--store URL] [--record-redis URL] [--broker URL]            # default: the local Redis, RabbitMQ
 
 One real ``celery worker --pool threads -c 16`` on RabbitMQ (``tests/apps/room_app.py``, task ``fair``:
 policy ``shared`` = gcra ``--rate``/s burst 1, ``deferral: {park: always}``, no ``key=`` so one limit key for
@@ -152,7 +153,7 @@ def alone(a: argparse.Namespace, appmod: Any, rec: redis.Redis, prefix: str, say
     import taskgate
     from taskgate.backends.fairness import STARTS_WINDOW_MS, read_fair
 
-    b = taskgate.connect(STORE_URL, appmod.POLICIES, prefix=prefix)
+    b = taskgate.connect(a.store, appmod.POLICIES, prefix=prefix)
     assert isinstance(b, taskgate.RedisBackend)
     t0 = time.time()
     for i in range(a.tasks):
@@ -186,7 +187,7 @@ def alone(a: argparse.Namespace, appmod: Any, rec: redis.Redis, prefix: str, say
     per_min = a.rate * STARTS_WINDOW_MS / 1000
     over = [n for _, n in full if n > per_min + 1]
     used = min((n / per_min for _, n in full), default=float("nan"))
-    room = room_totals(redis.Redis.from_url(STORE_URL), prefix)
+    room = room_totals(redis.Redis.from_url(a.store), prefix)
     b.close()
     per_s = [sum(1 for t in times if times[0] + i <= t < times[0] + i + 1) for i in range(5)] if times else []
     say(
@@ -234,7 +235,7 @@ def weights(a: argparse.Namespace, appmod: Any, rec: redis.Redis, prefix: str, s
     )
     say("acme's share per 10 s: " + ", ".join(f"{x:.0f}%" for x in tens))
     if a.switch > 0:
-        b = taskgate.connect(STORE_URL, appmod.POLICIES, prefix=prefix)
+        b = taskgate.connect(a.store, appmod.POLICIES, prefix=prefix)
         assert isinstance(b, taskgate.RedisBackend)
         ts = time.time()
         taskgate.set_weight(b, "shared", "beta", 3)
@@ -268,6 +269,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--switch", type=float, default=20.0)
     ap.add_argument("--pool", default="threads")
     ap.add_argument("-c", "--concurrency", type=int, default=16)
+    ap.add_argument("--store", default=STORE_URL, help="the taskgate store (Redis URL)")
+    ap.add_argument("--record-redis", default=RECORD_URL, help="where the task bodies record their starts")
+    ap.add_argument("--broker", default=AMQP, help="the Celery broker (RabbitMQ URL)")
     ap.add_argument("--record", action="store_true")
     a = ap.parse_args(argv)
     if a.a is None:
@@ -281,17 +285,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         "TG_RATE": str(a.rate),
         "TG_PARK": "always",
         "TG_WEIGHTS": "acme=3",
-        "TG_STORE": STORE_URL,
-        "TG_RECORD": RECORD_URL,
-        "TG_BROKER": AMQP,
+        "TG_STORE": a.store,
+        "TG_RECORD": a.record_redis,
+        "TG_BROKER": a.broker,
         "PYTHONPATH": str(ROOT),
     }
     os.environ.update({k: v for k, v in env.items() if k.startswith("TG_")})
     sys.path.insert(0, str(ROOT))
     from tests.apps import room_app as appmod
 
-    rec = redis.Redis.from_url(RECORD_URL)
-    store = redis.Redis.from_url(STORE_URL)
+    rec = redis.Redis.from_url(a.record_redis)
+    store = redis.Redis.from_url(a.store)
     logdir = ROOT / "integration" / "logs"
     logdir.mkdir(parents=True, exist_ok=True)
     w = Fleet("fairness", env, 1, a.concurrency, logdir, app="tests.apps.room_app", pool=a.pool)
