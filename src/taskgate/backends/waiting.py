@@ -332,7 +332,7 @@ class WaitingRoom:
 
     def fair_keys(self, policy: str, key: str) -> dict[str, int]:
         """Tasks waiting per fair key in the room ("" for work without one); empty when nothing waits."""
-        _, f = keyset(self.backend.prefix, self._policy(policy), key).fair()
+        f = keyset(self.backend.prefix, self._policy(policy), key).fair()[1]
         raw: Any = self.backend.client.hgetall(f)
         return {_s(k)[2:]: int(v) for k, v in (raw or {}).items() if _s(k).startswith("n:") and int(v) > 0}
 

@@ -11,10 +11,10 @@ so a key can never close the hash tag or collide with another key's layout)::
     {prefix}:{P:K}:c        concurrency leases when the limit is per key (sorted set lease -> expiry)
     {prefix}:{P}:c          concurrency leases when the limit is policy-wide
     ...:cm, ...:cw          lease meta (adaptive limit, mean hold) and waiters, beside the leases
-    {prefix}:{P:K}:wq, :wd, :wh, :wg, :wc, :wm, :wp, :wf
+    {prefix}:{P:K}:wq, :wd, :wh, :wg, :wc, :wm, :wp, :wf, :ws, :wo
                             the waiting room of (P, K) (``lua/room.lua``): order, payloads, hand-offs,
-                            grants, claimed ids, counters, the fair keys' queues and tags -- in the slot of
-                            the decision they wait for
+                            grants, claimed ids, counters, the fair keys' queues and tags, starts per fair
+                            key (this minute, the one before) -- in the slot of the decision they wait for
     {prefix}:{P}:fw         runtime fairness weights of policy P (hash fair key -> weight), read by the
                             callers (never by a script: it is in the slot of {P}, not of the room)
     {prefix}:rooms          index of the rooms with work (sorted set "P<US>K" -> when its head is due);
@@ -146,9 +146,10 @@ class KeySet:
         return [b + ":wq", b + ":wd", b + ":wh", b + ":wg", b + ":wc", b + ":wm"]
 
     def fair(self) -> list[str]:
-        """The room's fair queueing keys (``lua/room.lua``): p (the tasks behind each fair key's head) and f
-        (tags and counts per fair key)."""
-        return [self.base + ":wp", self.base + ":wf"]
+        """The room's fair queueing keys (``lua/room.lua``): p (the tasks behind each fair key's head), f
+        (tags and counts per fair key), s and o (starts per fair key, this window and the one before)."""
+        b = self.base
+        return [b + ":wp", b + ":wf", b + ":ws", b + ":wo"]
 
     @property
     def meta(self) -> str:
