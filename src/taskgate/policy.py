@@ -110,7 +110,7 @@ def _short(value: object, width: int = 80) -> str:
 
 @dataclass(frozen=True, slots=True)
 class RateSpec:
-    """The rate axis. ``params()`` are the strategy's ARGV in the engine's order."""
+    """The rate axis (:func:`taskgate.engine.plan.rate_params` turns it into the engine's ARGV)."""
 
     strategy: Strategy
     limit: int = 0
@@ -132,20 +132,6 @@ class RateSpec:
         if self.strategy == "tokenBucket":
             return self.capacity
         return self.limit
-
-    def params(self) -> list[int | float]:
-        """The strategy's parameters, then the arithmetic flag (1 = tolerant, 0 = ThrottleKit's)."""
-        s = self.strategy
-        t = 1 if self.tolerant else 0
-        if s == "gcra":
-            return [self.period_ms, self.limit, self.burst, t]
-        if s == "tokenBucket":
-            return [self.capacity, self.refill_per_sec, t]
-        if s == "fixedWindow":
-            return [self.limit, self.window_ms, t]
-        if s == "slidingWindow":
-            return [self.window_ms, self.limit, self.buckets, t]
-        return [self.window_ms, self.limit, t]
 
     def _describe(self) -> str:
         s = self.strategy

@@ -104,6 +104,22 @@ def check_units(value: object, name: str, policy: str, maximum: int | None) -> i
     return value
 
 
+def rate_params(rate: RateSpec) -> list[int | float]:
+    """The ARGV of a rate strategy (``lua/rate_*.lua``) in the engine's order, then the arithmetic flag
+    (1 = tolerant, 0 = ThrottleKit's)."""
+    s = rate.strategy
+    t = 1 if rate.tolerant else 0
+    if s == "gcra":
+        return [rate.period_ms, rate.limit, rate.burst, t]
+    if s == "tokenBucket":
+        return [rate.capacity, rate.refill_per_sec, t]
+    if s == "fixedWindow":
+        return [rate.limit, rate.window_ms, t]
+    if s == "slidingWindow":
+        return [rate.window_ms, rate.limit, rate.buckets, t]
+    return [rate.window_ms, rate.limit, t]
+
+
 def text(v: object) -> str:
     """A reply field as text (Redis replies bytes or str)."""
     return v.decode() if isinstance(v, bytes) else str(v)
@@ -205,7 +221,7 @@ class Planner:
 
     @staticmethod
     def _rate_args(p: Policy, rate: RateSpec) -> list[str | int | float]:
-        return [*rate.params(), p.booking_horizon_ms]
+        return [*rate_params(rate), p.booking_horizon_ms]
 
     def _check_static(self, name: str) -> _CheckStatic:
         """What every check of policy ``name`` shares, worked out once (the hot path only adds the key)."""
@@ -445,7 +461,7 @@ class AxesPlanner(Planner):
             p.booking_grace_ms,
             _res_ttl(p) if p.budgets else 0,
             *_budget_args(p),
-            *(p.rate.params() if p.rate else []),
+            *(rate_params(p.rate) if p.rate else []),
             p.booking_horizon_ms,
         ]
         return keys, args
