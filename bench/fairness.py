@@ -44,7 +44,7 @@ import redis
 
 from bench._common import delete_prefix, machine_info, record
 from bench.backlog import AMQP, RECORD_URL, ROOT, STORE_URL, starts
-from bench.celery import Fleet
+from tests.fleet import Fleet, delete_queues
 
 
 def share(xs: Sequence[str], who: str) -> float:
@@ -202,7 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     store = redis.Redis.from_url(STORE_URL)
     logdir = ROOT / "integration" / "logs"
     logdir.mkdir(parents=True, exist_ok=True)
-    w = Fleet("fairness", env, 1, a.concurrency, logdir, app="tests.apps.room_app", pool=a.pool)
+    w = Fleet(env, logdir, tag=prefix)
+    w.celery("tests.apps.room_app", "fairness-w", n=1, concurrency=a.concurrency, pool=a.pool)
     lines: list[str] = []
 
     def say(s: str) -> None:
@@ -219,13 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ok = {"late": late, "weights": weights, "many": many}[a.scenario](a, appmod, rec, prefix, say)
     finally:
         w.stop()
-        with appmod.app.connection_for_write() as conn:
-            ch = conn.default_channel
-            for q in (queue, queue + ".taskgate"):
-                try:
-                    ch.queue_delete(q)
-                except Exception as e:
-                    print(f"(queue {q} not deleted: {e})")
+        delete_queues(appmod.app, queue)
         delete_prefix(store, prefix)
         delete_prefix(rec, prefix)
     if a.record:

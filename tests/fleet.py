@@ -28,6 +28,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 Record = tuple[str, float, int, str]
 CELERY_READY = " ready."  # the line a Celery worker logs once it consumes
+RQ_READY = "Listening on"  # ... and an RQ worker (at the default log level; --quiet logs nothing)
 
 
 def read_records(r: Any, prefix: str, kind: str) -> list[Record]:
@@ -251,6 +252,17 @@ class Fleet:
             except (OSError, IndexError, ValueError):
                 continue
         return total / 1024
+
+
+def delete_queues(app: Any, queue: str) -> None:
+    """Delete a throttled Celery app's ``queue`` and taskgate's ``<queue>.taskgate`` from its broker (what a
+    leftover queue costs is a warning, printed)."""
+    with app.connection_for_write() as conn:
+        for q in (queue, queue + ".taskgate"):
+            try:
+                conn.default_channel.queue_delete(q)
+            except Exception as e:
+                print(f"(queue {q} not deleted: {e})")
 
 
 # --- judging rates ----------------------------------------------------------------------------------------
