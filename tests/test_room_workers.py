@@ -43,7 +43,7 @@ class Room:
         self.app = importlib.reload(mod)
         self.rec = redis.Redis.from_url(redis_url)
         self.workers = Fleet(self.env, ROOT / "integration" / "logs")
-        self.procs = self.workers.procs
+        self.procs, self.logs = self.workers.procs, self.workers.logs
 
     def start(self, concurrency: int = 8, pool: str = "threads") -> None:
         name = f"{self.prefix}-{len(self.procs)}"
