@@ -460,7 +460,6 @@ def breakdown(bench: Bench, res: dict[str, SlicedResult]) -> str:
     many = taskgate.RedisBackend(cast(Any, _StubClient(raw_many)), pols, prefix=bench.prefix)
 
     def internals() -> list[tuple[str, Callable[[], object]]]:
-        from taskgate.engine import decode as decode_mod
         from taskgate.engine import keys as keys_mod
         from taskgate.engine import plan as plan_mod
 
@@ -477,9 +476,9 @@ def breakdown(bench: Bench, res: dict[str, SlicedResult]) -> str:
             ),
             ("    rate_params(rate) (+ horizon)", lambda: planner._rate_args(policy, policy.rate)),
             ("    Plan(...) (frozen dataclass)", lambda: plan_mod.Plan(script, [], [], int)),
-            ("  decode_decision(reply) -> Decision", lambda: decode_mod.decode_decision(raw)),
+            ("  decode_decision(reply) -> Decision", lambda: plan_mod.decode_decision(raw)),
             (f"  Planner.check_many ({MANY} keys)", lambda: planner.check_many("gcra", keys)),
-            (f"  decode_many ({MANY} decisions)", lambda: decode_mod.decode_many(raw_many)),
+            (f"  decode_many ({MANY} decisions)", lambda: plan_mod.decode_many(raw_many)),
         ]
 
     rows: list[tuple[str, Callable[[], object] | None]] = [

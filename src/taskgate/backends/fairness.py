@@ -22,8 +22,8 @@ import time
 from typing import Any
 
 from taskgate.backends.redis import _UNAVAILABLE, RedisBackend
-from taskgate.engine.decode import text as _s
 from taskgate.engine.keys import weights_key
+from taskgate.engine.plan import text as _s
 from taskgate.logs import key_text, log
 from taskgate.policy import Policy
 

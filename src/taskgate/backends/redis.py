@@ -34,8 +34,7 @@ from taskgate.admission import (
     HeartbeatPump,
     Reservation,
 )
-from taskgate.engine.plan import Plan
-from taskgate.engine.plan_axes import AxesPlanner
+from taskgate.engine.plan import AxesPlanner, Plan
 from taskgate.engine.stats_buffer import StatsBuffer, StatsDelta
 from taskgate.errors import BackendUnavailableError, TaskgateError
 from taskgate.policy import Policies, Policy

@@ -34,11 +34,9 @@ from taskgate.admission import Admission
 from taskgate.backends.fairness import Weights, check_weight
 from taskgate.backends.redis import RedisBackend
 from taskgate.engine import script
-from taskgate.engine.decode import decode_decision
-from taskgate.engine.decode import text as _s
 from taskgate.engine.keys import ROOM_SEP, keyset, rooms_index
-from taskgate.engine.plan import Plan
-from taskgate.engine.plan_axes import AxesPlanner
+from taskgate.engine.plan import AxesPlanner, Plan, decode_decision
+from taskgate.engine.plan import text as _s
 from taskgate.policy import Policy
 from taskgate.types import AdmitReply, Decision, LeaseRef
 
