@@ -37,7 +37,9 @@ class Runtime:
     # a task whose body met the provider's 429 is deferred, not failed (the queue knows how: Celery so far)
     PROVIDER_DEFERRAL: ClassVar[bool] = False
 
-    def __init__(self, backend: Any, policies: PolicySource, settings: Mapping[str, Any]) -> None:
+    def __init__(
+        self, backend: str | Backend | None, policies: PolicySource, settings: Mapping[str, Any]
+    ) -> None:
         self.check_settings(settings)
         self._spec = backend
         self._policies = policies
