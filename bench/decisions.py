@@ -474,7 +474,7 @@ def breakdown(bench: Bench, res: dict[str, SlicedResult]) -> str:
                 "    keyset(prefix, policy, key).rate",
                 lambda: keys_mod.keyset(bench.prefix, policy, "u1").rate,
             ),
-            ("    RateSpec.params() (+ horizon)", lambda: planner._rate_args(policy, policy.rate)),
+            ("    rate_params(rate) (+ horizon)", lambda: planner._rate_args(policy, policy.rate)),
             ("    Plan(...) (frozen dataclass)", lambda: plan_mod.Plan(script, [], [], int)),
             ("  decode_decision(reply) -> Decision", lambda: plan_mod.decode_decision(raw)),
             (f"  Planner.check_many ({MANY} keys)", lambda: planner.check_many("gcra", keys)),

@@ -54,8 +54,8 @@ if __package__ in (None, ""):  # run as a script: this file must not shadow the 
 import redis
 
 from bench._common import delete_prefix, machine_info, record
-from bench.backlog import AMQP, RECORD_URL, ROOT, STORE_URL, max_in_window, room_totals, starts
-from bench.celery import Fleet
+from bench.backlog import AMQP, RECORD_URL, ROOT, STORE_URL, room_totals, starts
+from tests.fleet import Fleet, delete_queues, max_in_window
 
 
 def share(xs: Sequence[str], who: str) -> float:
@@ -298,7 +298,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     store = redis.Redis.from_url(a.store)
     logdir = ROOT / "integration" / "logs"
     logdir.mkdir(parents=True, exist_ok=True)
-    w = Fleet("fairness", env, 1, a.concurrency, logdir, app="tests.apps.room_app", pool=a.pool)
+    w = Fleet(env, logdir, tag=prefix)
+    w.celery("tests.apps.room_app", "fairness-w", n=1, concurrency=a.concurrency, pool=a.pool)
     lines: list[str] = []
 
     def say(s: str) -> None:
@@ -316,13 +317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ok = run(a, appmod, rec, prefix, say)
     finally:
         w.stop()
-        with appmod.app.connection_for_write() as conn:
-            ch = conn.default_channel
-            for q in (queue, queue + ".taskgate"):
-                try:
-                    ch.queue_delete(q)
-                except Exception as e:
-                    print(f"(queue {q} not deleted: {e})")
+        delete_queues(appmod.app, queue)
         delete_prefix(store, prefix)
         delete_prefix(rec, prefix)
     if a.record:

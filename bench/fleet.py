@@ -5,7 +5,7 @@
 Against one real ``taskgate serve --redis ...`` on loopback (started here, stopped by PID):
 
 1. **Local spending vs round trips.** Decisions/s of ONE process spending leases locally with throttlekit-py's
-   own ``LeasedLimiter`` (``FleetBackend(...).leased(policy, domain, batch)``; ``bench/_fleet_worker.py``, a
+   own ``LeasedLimiter`` (``FleetBackend(...).leased(policy, domain, batch)``; ``tests/tk_fleet_client.py``, a
    process of its own: throttlekit-py and taskgate's stubs register the same ``throttlekit.proto`` in
    protobuf's default pool), against one round trip per decision through taskgate's own gRPC client
    (``taskgate.connect("grpc://...").check``) on the same fixedWindow policy and key (a budget that never
@@ -14,7 +14,7 @@ Against one real ``taskgate serve --redis ...`` on loopback (started here, stopp
    rounds in alternating order (A B, B A, ...); each side's figure is the median of its rounds, a ratio
    the median over the rounds of the two sides' decisions/s in the same round (back to back). Target:
    leases >= 100,000 decisions/s.
-2. **3 processes x 1 policy.** Three ``bench/_fleet_worker.py share`` processes offer 1.2x a fixedWindow
+2. **3 processes x 1 policy.** Three ``tests/tk_fleet_client.py share`` processes offer 1.2x a fixedWindow
    policy's budget between them (paced; in shares 3:2:1) for ``W`` windows of 1 s, aligned to the window
    boundaries, each leasing ``batch`` at a time; a denied process rejects locally until the window ends (the
    lease's ``retry_after_ms``). Per window (the decisions' ``reset_at``): the units the engine granted (the
@@ -51,7 +51,7 @@ from bench._common import delete_prefix, fmt_rate, machine_info, record, table
 from taskgate.server.testing import ServerProcess
 
 DEFAULT_URL = "redis://127.0.0.1:6379/11"
-WORKER = Path(__file__).resolve().parent / "_fleet_worker.py"
+WORKER = Path(__file__).resolve().parent.parent / "tests" / "tk_fleet_client.py"  # ThrottleKit's client
 
 # part 1: a budget that never binds (every decision an allow), leased 10,000 at a time
 OPEN_LIMIT, OPEN_BATCH = 1_000_000_000, 10_000

@@ -533,7 +533,7 @@ def test_check_plans_are_the_general_composition(cluster: bool) -> None:
     """check's plan (per-policy parts worked out once) is exactly the general one: the keyset of the key, the
     op's ARGV and the strategy's, then the counters' KEYS and argument; for every kind of policy and key."""
     from taskgate.engine.keys import keyset
-    from taskgate.engine.plan import Planner, check_now
+    from taskgate.engine.plan import Planner, check_now, rate_params
 
     pols = taskgate.load_policies(PLAN_POLICIES)
     planner = Planner(pols, prefix="pp", cluster=cluster)
@@ -549,7 +549,7 @@ def test_check_plans_are_the_general_composition(cluster: bool) -> None:
                 ks = keyset("pp", p, key)
                 mode = "b" if book and p.booking_horizon_ms > 0 else ("t" if token else "c")
                 keys = [ks.rate, ks.bookings, ks.provider] if mode != "c" else [ks.rate, ks.provider]
-                args = [check_now(now), mode, cost, token, p.booking_grace_ms, *p.rate.params()]
+                args = [check_now(now), mode, cost, token, p.booking_grace_ms, *rate_params(p.rate)]
                 want = planner._counted(p, "check", p.rate.strategy, keys, [*args, p.booking_horizon_ms],
                                         got.decode, None)  # fmt: skip
                 assert (got.script, got.keys, got.args, got.collect) == (

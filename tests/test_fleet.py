@@ -123,7 +123,7 @@ def test_the_fleet_answers_loopback_peers_only_without_a_secret() -> None:
 
 def tk_client(spec: dict[str, Any]) -> dict[str, Any]:
     out = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "tk_fleet_client.py"), json.dumps(spec)],
+        [sys.executable, str(ROOT / "tests" / "tk_fleet_client.py"), "clients", json.dumps(spec)],
         capture_output=True,
         text=True,
         timeout=120,

@@ -35,7 +35,7 @@ from taskgate.backends.fairness import Weights, check_weight
 from taskgate.backends.redis import RedisBackend
 from taskgate.engine import script
 from taskgate.engine.keys import ROOM_SEP, keyset, rooms_index
-from taskgate.engine.plan import Plan, decode_decision
+from taskgate.engine.plan import AxesPlanner, Plan, decode_decision
 from taskgate.engine.plan import text as _s
 from taskgate.policy import Policy
 from taskgate.types import AdmitReply, Decision, LeaseRef
@@ -116,7 +116,8 @@ def split_room(name: str | bytes) -> tuple[str, str]:
 
 class WaitingRoom:
     """The waiting rooms of one direct door (``RedisBackend``, or ``memory://``). Sync; thread-safe as the
-    backend is."""
+    backend is. ``planner`` marshals the admit that enter and promote run (default: one over the door's
+    policies and key prefix)."""
 
     def __init__(
         self,
@@ -125,13 +126,14 @@ class WaitingRoom:
         handoff_ms: int = HANDOFF_MS,
         room_ttl_ms: int = ROOM_TTL_MS,
         lead_ms: int = LEAD_MS,
+        planner: AxesPlanner | None = None,
     ) -> None:
         self.backend = backend
         self.handoff_ms = handoff_ms
         self.lead_ms = lead_ms
         self.room_ttl_ms = room_ttl_ms
         self.index = rooms_index(backend.prefix)
-        self._admit = backend._plan  # the planner of this door (KEYS/ARGV of op admit)
+        self._admit = planner if planner is not None else AxesPlanner(backend.policies, backend.prefix)
         self.weights = Weights(backend)  # fairness weights (store, then policy file), cached <= 1 s
 
     def _policy(self, name: str) -> Policy:
