@@ -5,6 +5,7 @@ Started with the machine's ``redis-server`` / ``redis-cli``; every process is st
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -12,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-BASE_PORT = 7100
+BASE_PORT = int(os.environ.get("TASKGATE_TEST_CLUSTER_PORT", "7100"))  # first of three ports
 
 
 class Cluster:

@@ -531,7 +531,8 @@ PLAN_POLICIES = {
 @pytest.mark.parametrize("cluster", [False, True])
 def test_check_plans_are_the_general_composition(cluster: bool) -> None:
     """check's plan (per-policy parts worked out once) is exactly the general one: the keyset of the key, the
-    op's ARGV and the strategy's, then the counters' KEYS and argument; for every kind of policy and key."""
+    op's ARGV, the policy's constants in the script, then the counters' KEYS and argument; for every kind of
+    policy and key."""
     from taskgate.engine.keys import keyset
     from taskgate.engine.plan import Planner, check_now
 
@@ -549,9 +550,9 @@ def test_check_plans_are_the_general_composition(cluster: bool) -> None:
                 ks = keyset("pp", p, key)
                 mode = "b" if book and p.booking_horizon_ms > 0 else ("t" if token else "c")
                 keys = [ks.rate, ks.bookings, ks.provider] if mode != "c" else [ks.rate, ks.provider]
-                args = [check_now(now), mode, cost, token, p.booking_grace_ms, *p.rate.params()]
-                want = planner._counted(p, "check", p.rate.strategy, keys, [*args, p.booking_horizon_ms],
-                                        got.decode, None)  # fmt: skip
+                args = [check_now(now), mode, cost] + ([token] if mode != "c" else [])
+                consts = (p.booking_grace_ms, *p.rate.params(), p.booking_horizon_ms)
+                want = planner._counted(p, "check", p.rate.strategy, keys, args, got.decode, None, consts)
                 assert (got.script, got.keys, got.args, got.collect) == (
                     want.script, want.keys, want.args, want.collect,
                 ), (name, key, cost, now, book, token)  # fmt: skip

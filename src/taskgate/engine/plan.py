@@ -60,8 +60,7 @@ class _CheckStatic:
     mid: str
     max_cost: int
     books: bool  # booking horizon > 0
-    grace: int
-    tail: tuple[str | int | float, ...]  # ARGV after the grace: strategy params, horizon (, stats argument)
+    tail: tuple[str | int | float, ...]  # ARGV after the op's own: (the stats argument) or ()
     stats_keys: tuple[str, ...]  # KEYS after the op's own (stats mode inline)
     collect: str
 
@@ -171,14 +170,16 @@ class Planner:
         args: list[str | int | float],
         decode: Callable[[Any], T],
         member: str | None,
+        consts: tuple[str | int | float, ...] = (),
     ) -> Plan[T]:
-        """The plan of a counted operation; ``member`` is the caller's key (None: check, cut from KEYS)."""
+        """The plan of a counted operation; ``member`` is the caller's key (None: check, cut from KEYS);
+        ``consts``: the policy's constants written into the script (see :func:`taskgate.engine.script`)."""
         mode, skeys, head = self._stats(p)
         if mode == "off":
-            return Plan(script(op, strategy), keys, args, decode)
+            return Plan(script(op, strategy, consts=consts), keys, args, decode)
         arg: str | int = head if member is None else escape(member)
         return Plan(
-            script(op, strategy, mode, len(skeys) or 5),
+            script(op, strategy, mode, len(skeys) or 5, consts),
             keys + skeys if skeys else keys,
             [*args, arg],
             decode,
@@ -207,6 +208,11 @@ class Planner:
     def _rate_args(p: Policy, rate: RateSpec) -> list[str | int | float]:
         return [*rate.params(), p.booking_horizon_ms]
 
+    @classmethod
+    def _check_consts(cls, p: Policy, rate: RateSpec) -> tuple[str | int | float, ...]:
+        """``op_check.lua``'s TG_CONST: the booking grace, then the strategy's params and horizon."""
+        return (p.booking_grace_ms, *cls._rate_args(p, rate))
+
     def _check_static(self, name: str) -> _CheckStatic:
         """What every check of policy ``name`` shares, worked out once (the hot path only adds the key)."""
         got = self._checks.get(name) if isinstance(name, str) else None
@@ -214,7 +220,8 @@ class Planner:
             return got
         p, rate = self._rate_policy(name, "check")
         # the plan of a check on a stand-in key, cut around it: the same KEYS and ARGV as for any key
-        ref = self._counted(p, "check", rate.strategy, [keyset(self.prefix, p, "\0").base], [], _none, None)
+        base = keyset(self.prefix, p, "\0").base
+        ref = self._counted(p, "check", rate.strategy, [base], [], _none, None, self._check_consts(p, rate))
         head, mid = ref.keys[0].split("\0")
         got = self._checks[name] = _CheckStatic(
             ref.script,
@@ -222,8 +229,7 @@ class Planner:
             mid,
             rate.max_cost,
             p.booking_horizon_ms > 0,
-            p.booking_grace_ms,
-            tuple(self._rate_args(p, rate)) + tuple(ref.args),
+            tuple(ref.args),
             tuple(ref.keys[1:]),
             ref.collect,
         )
@@ -247,9 +253,10 @@ class Planner:
         mode = "b" if book and c.books else ("t" if token else "c")
         if mode == "c":
             keys = [base + ":r", base + ":pv", *c.stats_keys]
+            args: list[str | int | float] = [check_now(now), "c", cost, *c.tail]
         else:
             keys = [base + ":r", base + ":bk", base + ":pv", *c.stats_keys]
-        args: list[str | int | float] = [check_now(now), mode, cost, token or "", c.grace, *c.tail]
+            args = [check_now(now), mode, cost, token or "", *c.tail]
         return Plan(c.script, keys, args, decode_decision, c.collect)
 
     def check_many(
@@ -263,20 +270,19 @@ class Planner:
         check_units(cost, "cost", name, rate.max_cost)
         ks = [keyset(self.prefix, p, check_key(k)) for k in keys]
         rk = [k.rate for k in ks] + [k.provider for k in ks]
-        args: list[str | int | float] = [check_now(now), "c", cost, "", 0]
+        args: list[str | int | float] = [check_now(now), "c", cost]
         return self._counted(
-            p, "check", rate.strategy, rk, args + self._rate_args(p, rate), decode_many, None
+            p, "check", rate.strategy, rk, args, decode_many, None, self._check_consts(p, rate)
         )
 
     def peek(self, name: str, key: str, now: int | None = None) -> Plan[Decision]:
         p, rate = self._rate_policy(name, "peek")
         check_key(key)
-        args: list[str | int | float] = [check_now(now), "p", 1, "", 0]
         ks = keyset(self.prefix, p, key)
         return Plan(
-            script("check", rate.strategy),
+            script("check", rate.strategy, consts=self._check_consts(p, rate)),
             [ks.rate, ks.provider],
-            args + self._rate_args(p, rate),
+            [check_now(now), "p", 1],
             decode_decision,
         )
 
