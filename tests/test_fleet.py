@@ -31,6 +31,7 @@ POLICIES = {
     "w": {"strategy": "fixedWindow", "limit": 10, "windowMs": 1000},
     "g": {"strategy": "gcra", "limit": 5, "period": "1s"},
     "t": {"tokenBudget": [{"budget": 100, "windowMs": 1000}, {"budget": 150, "windowMs": 10000}]},
+    "f": {"strategy": "fixedWindow", "limit": 100, "windowMs": 1000},
 }
 NOW = 5_000_250  # 250 ms into the window [5,000,000, 5,001,000)
 
@@ -70,6 +71,59 @@ def test_a_token_lease_takes_the_least_any_budget_has_left(connect: Any) -> None
         (50, 5_002_000, 100, 0),
         (0, 5_010_000, 150, 9_000),
     ]
+
+
+def test_tenants_split_a_window_by_weight(connect: Any) -> None:
+    """Under contention the tenants leasing one window split it by weight (3:1), each up to its share
+    whatever the order; never more than the window in all; checks' spend is shared out the same way."""
+    b = connect(POLICIES)
+
+    def lease(tenant: str, wants: int, now: int = NOW) -> int:
+        return b.lease_window(
+            "f", "", wants, now=now, tenant=tenant, weight=3 if tenant == "a" else 1
+        ).granted
+
+    assert lease("a", 10) == 10  # alone: whatever it asks
+    got = {"a": 10, "b": 0}
+    for _ in range(12):
+        for t in ("b", "a"):
+            got[t] += lease(t, 10)
+    assert got == {"a": 75, "b": 25}
+    assert lease("a", 10) == lease("b", 10) == 0
+    # the next window: the same split from the first lease on (both were active in the last window_ms)
+    nxt = NOW + 750
+    assert [lease("a", 100, nxt), lease("b", 100, nxt), lease("a", 100, nxt)] == [75, 25, 0]
+    # on a key checks spend too: the tenants share what the checks leave, by weight
+    assert b.check("f", "k", 20, now=NOW).allowed
+    got = {"a": 0, "b": 0}
+    for _ in range(10):
+        for t in ("a", "b"):
+            got[t] += b.lease_window("f", "k", 10, now=NOW, tenant=t, weight=3 if t == "a" else 1).granted
+    assert got == {"a": 60, "b": 20}
+    # a tenant idle for a window is forgotten: the other takes the whole window (work-conserving)
+    much_later = NOW + 3750
+    assert lease("a", 100, much_later) == 100
+    assert lease("b", 1, much_later) == 0  # nothing left: a tenant alone took it all
+
+
+def test_a_tenant_owed_its_share_is_served_before_a_greedy_one(connect: Any) -> None:
+    b = connect(POLICIES)
+
+    def lease(tenant: str, wants: int, weight: float = 1) -> int:
+        return b.lease_window("f", "", wants, now=NOW, tenant=tenant, weight=weight).granted
+
+    assert lease("c", 1) == 1  # active: c, then a, each owed half of the window
+    assert lease("a", 100) == 50  # a takes its half (b is not active yet)
+    # b arrives late: a third each, but a has taken more than its third. What is left (49) is shared in
+    # proportion to what b (33.3) and c (32.3) are still owed
+    assert lease("b", 100) == 25
+    assert lease("c", 100) == 20
+    got = [lease(t, 100) for t in "bcbcab"]
+    assert got == [2, 2, 0, 0, 0, 0]  # all 100 granted, none beyond
+    with pytest.raises(ValueError, match="weight"):
+        lease("d", 1, weight=0)
+    with pytest.raises(ValueError, match="tenants"):
+        b.lease_window("t", "", 1, axis="tokens", now=NOW, tenant="a")
 
 
 def test_only_fixed_windows_lease(connect: Any) -> None:

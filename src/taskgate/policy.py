@@ -216,6 +216,7 @@ class FairnessSpec:
 
     weights: tuple[tuple[str, float], ...] = ()
     default_weight: float = 1.0
+    declared: bool = False  # the policy file has a ``fairness:`` section (the Fleet door splits by tenant)
 
     def weight(self, fair_key: str) -> float:
         return dict(self.weights).get(fair_key, self.default_weight)
@@ -488,7 +489,7 @@ def _parse_fairness(r: _Reader) -> FairnessSpec:
             if not isinstance(k, str) or not k:
                 raise _bad(r.policy, "fairness.weights", k, "fair keys as non-empty strings")
             weights.append((k, w.number(k)))
-    return FairnessSpec(weights=tuple(weights), default_weight=default)
+    return FairnessSpec(weights=tuple(weights), default_weight=default, declared=True)
 
 
 def _default_grace(rate: RateSpec | None) -> int:

@@ -121,9 +121,13 @@ class _Base:
             raise self._unavailable(raw) from raw
         return raw
 
-    def _lease_plan(self, policy: str, key: str, wants: int, axis: str, now: int | None) -> Plan[WindowLease]:
+    def _lease_plan(
+        self, policy: str, key: str, wants: int, axis: str, now: int | None, tenant: str | None, weight: float
+    ) -> Plan[WindowLease]:
         if axis == "rate":
-            return self._plan.lease_window(policy, key, wants, now)
+            return self._plan.lease_window(policy, key, wants, now, tenant=tenant, weight=weight)
+        if tenant is not None:
+            raise ValueError("a split between tenants is of a fixed window's rate (axis 'rate')")
         if axis == "tokens":
             return self._plan.lease_budget(policy, key, wants, now)
         raise ValueError(f"axis must be 'rate' or 'tokens', got {axis!r}")
@@ -304,12 +308,15 @@ class RedisBackend(_Base):
         *,
         axis: Literal["rate", "tokens"] = "rate",
         now: int | None = None,
+        tenant: str | None = None,
+        weight: float = 1.0,
     ) -> WindowLease:
         """Take up to ``wants`` units of the current window's budget at once (what the Fleet door grants a
         client to spend locally): of a fixedWindow policy's rate (``axis="rate"``, the units ``check``
         spends) or of its token budgets (``axis="tokens"``, charged like a debit); ``key`` "" is one
-        policy-wide budget."""
-        return self._run(self._lease_plan(policy, key, wants, axis, now))
+        policy-wide budget. With a ``tenant`` (rate only), the tenants leasing the window split it by
+        ``weight`` (``engine/lua/op_lease.lua``)."""
+        return self._run(self._lease_plan(policy, key, wants, axis, now, tenant, weight))
 
     def reset(self, policy: str, key: str) -> None:
         """Forget all state of ``key`` under ``policy``."""
@@ -512,9 +519,11 @@ class AsyncRedisBackend(_Base):
         *,
         axis: Literal["rate", "tokens"] = "rate",
         now: int | None = None,
+        tenant: str | None = None,
+        weight: float = 1.0,
     ) -> WindowLease:
         """The asyncio twin of :meth:`RedisBackend.lease_window`."""
-        return await self._run(self._lease_plan(policy, key, wants, axis, now))
+        return await self._run(self._lease_plan(policy, key, wants, axis, now, tenant, weight))
 
     async def reset(self, policy: str, key: str) -> None:
         await self._run(self._plan.reset(policy, key))

@@ -306,9 +306,19 @@ class Planner:
         args: list[str | int | float] = [check_now(now), *self._rate_args(p, rate)]
         return Plan(script("forecast", rate.strategy), [ks.rate], args, decode_forecast)
 
-    def lease_window(self, name: str, key: str, wants: int, now: int | None = None) -> Plan[WindowLease]:
+    def lease_window(
+        self,
+        name: str,
+        key: str,
+        wants: int,
+        now: int | None = None,
+        *,
+        tenant: str | None = None,
+        weight: float = 1.0,
+    ) -> Plan[WindowLease]:
         """Grant up to ``wants`` units of the current window of a fixedWindow policy for ``key`` ("" = one
-        policy-wide budget no check can name), from the counter ``check`` spends (``op_lease.lua``)."""
+        policy-wide budget no check can name), from the counter ``check`` spends (``op_lease.lua``). With a
+        ``tenant`` (of ``weight``), the window is split between the tenants that lease it by weight."""
         p, rate = self._rate_policy(name, "a lease")
         if rate.strategy != "fixedWindow":
             raise OperationNotSupportedError(
@@ -319,7 +329,16 @@ class Planner:
         wants = check_units(wants, "wants", name, None)
         ks = keyset(self.prefix, p, key)
         args: list[str | int | float] = [check_now(now), wants, *self._rate_args(p, rate)]
-        return Plan(script("lease", rate.strategy), [ks.rate], args, decode_window_lease)
+        if tenant is None:
+            return Plan(script("lease", rate.strategy), [ks.rate], args, decode_window_lease)
+        if tenant != "":
+            check_key(tenant)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < float("inf"):
+            raise ValueError(
+                f"policy {name!r}: the weight of tenant {tenant!r} must be a number > 0, got {weight!r}"
+            )
+        keys = [ks.rate, ks.tenants]
+        return Plan(script("lease", rate.strategy), keys, [*args, tenant, float(weight)], decode_window_lease)
 
     def reset(self, name: str, key: str) -> Plan[int]:
         p = self.policy(name)
