@@ -76,7 +76,7 @@ def test_a_token_lease_takes_the_least_any_budget_has_left(connect: Any) -> None
 def test_tenants_split_a_window_by_weight(connect: Any) -> None:
     """Under contention the tenants leasing one window split it by weight (3:1), each up to its share
     whatever the order; never more than the window in all; checks' spend is shared out the same way."""
-    b = connect(POLICIES)
+    b: taskgate.RedisBackend = connect(POLICIES)
 
     def lease(tenant: str, wants: int, now: int = NOW) -> int:
         return b.lease_window(
@@ -107,7 +107,7 @@ def test_tenants_split_a_window_by_weight(connect: Any) -> None:
 
 
 def test_a_tenant_owed_its_share_is_served_before_a_greedy_one(connect: Any) -> None:
-    b = connect(POLICIES)
+    b: taskgate.RedisBackend = connect(POLICIES)
 
     def lease(tenant: str, wants: int, weight: float = 1) -> int:
         return b.lease_window("f", "", wants, now=NOW, tenant=tenant, weight=weight).granted
