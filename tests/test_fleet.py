@@ -106,7 +106,7 @@ def test_tenants_split_a_window_by_weight(connect: Any) -> None:
     assert lease("b", 1, much_later) == 0  # nothing left: a tenant alone took it all
 
 
-def test_a_tenant_owed_its_share_is_served_before_a_greedy_one(connect: Any) -> None:
+def test_a_late_tenant_shares_what_is_left_by_what_each_is_owed(connect: Any) -> None:
     b: taskgate.RedisBackend = connect(POLICIES)
 
     def lease(tenant: str, wants: int, weight: float = 1) -> int:
@@ -196,6 +196,8 @@ def cfg(tmp_path: Path) -> Path:
         f"  window: {{strategy: fixedWindow, limit: 50, windowMs: {WINDOW_MS}}}\n"
         "  paced: {strategy: gcra, limit: 5, period: 1s}\n"
         f"  tokens: {{tokenBudget: {{budget: 1000, windowMs: {WINDOW_MS}}}}}\n"
+        f"  shared: {{strategy: fixedWindow, limit: 50, windowMs: {WINDOW_MS},\n"
+        "           fairness: {weights: {a: 3, b: 3}, defaultWeight: 1}}\n"
     )
     return path
 
@@ -286,6 +288,35 @@ def test_a_fresh_domain_gets_a_partial_grant(
     assert lease["expiry_ms"] % WINDOW_MS == 0
     assert lease["expiry_ms"] > now - 5000
     assert 0 < lease["refresh_interval_ms"] <= WINDOW_MS
+
+
+def test_throttlekit_clients_of_three_tenants_split_the_window_by_weight(
+    served: ServerProcess, redis_url: str, prefix: str, cfg: Path
+) -> None:
+    """A policy with ``fairness:``: the domains are tenants of one window, split 3:1:1 by the policy file's
+    weights and the store's (b's 3 is set to 1 at runtime); throttlekit-py's own LeasedLimiters, one
+    thread each, all greedy."""
+    with taskgate.connect(redis_url, cfg, prefix=prefix) as b:
+        assert isinstance(b, taskgate.RedisBackend)
+        taskgate.set_weight(b, "shared", "b", 1)
+    spec = {
+        "target": served.target,
+        "policy": "shared",
+        "domains": ["a", "b", "c"],
+        "batch": 4,
+        "requests": 40,
+        "probes": [{"policy": "shared", "domain": t, "wants": 1} for t in "abc"],
+        "probes_first": True,  # every tenant active before the clients start: their order does not matter
+    }
+    r = tk_client(spec)
+    assert [p["capacity"] for p in r["probes"]] == [1, 1, 1]
+    allowed = {int(k): v for k, v in r["allowed"].items()}
+    assert sum(allowed.values()) <= 50 - 3
+    if len(allowed) == 1:  # one window (the run crosses one only at the hour)
+        # shares of 50: 30, 10, 10, less the unit each probe leased and nobody spent
+        assert r["allowed_by_domain"] == {"a": 29, "b": 9, "c": 9}, r
+        assert len(r["denied"]) == 3 * 40 - 47
+        assert {d["limit"] for d in r["denied"]} == {50}
 
 
 def test_a_secret_opens_the_fleet_as_x_fleet_secret(
