@@ -24,10 +24,11 @@ Against one real ``taskgate serve --redis ...`` on loopback (started here, stopp
    and where demand exceeded the budget (a process was denied), allowed / budget >= 95%.
 3. **3 tenants x 1 policy, weights 3:1:1.** The same budget on a policy with ``fairness:`` (the domains are
    tenants of one window, ``server/fleet.py``), three ``share`` processes of tenants a, b, c (weights 3, 1,
-   1), each offering 0.8x the budget (every tenant wants more than its share) for ``T`` windows. Per window
-   and over the run: each tenant's share of the decisions allowed. Targets: every window allowed <= granted
-   <= budget and allowed / budget >= 95%; over the run each tenant's share within 2 points of its weight's
-   (60 / 20 / 20 %).
+   1), each offering 0.8x the budget (every tenant wants more than its share) for ``T`` windows; b stops
+   after the first half. Per window and per phase: each tenant's share of the decisions allowed. Targets:
+   every window allowed <= granted <= budget and allowed / budget >= 95% (but the window b stops in: its
+   share is held until it has been idle for a window); each tenant's share within 2 points of its weight's:
+   60 / 20 / 20 % with all three, 75 / 0 / 25 % once b has stopped (work-conserving).
 
 ``--record`` appends the output to ``bench/RESULTS.md``. On a small, shared machine the client processes,
 the server and Redis share the CPUs; the report gives the load average before and after.
@@ -345,23 +346,31 @@ def part3(srv: ServerProcess, windows: int) -> tuple[list[str], bool]:
     now = int(time.time() * 1000)
     start = now - now % WINDOW_MS + 2 * WINDOW_MS
     end = start + windows * WINDOW_MS
+    half = windows // 2 if windows >= 4 else windows  # tenant b stops after the first half
     base = {"target": srv.target, "policy": "tenants", "batch": BATCH, "start_ms": start, "end_ms": end}
+    specs = [{**base, "domain": t, "rate": rate} for t, _ in TENANTS]
+    specs[1]["end_ms"] = start + half * WINDOW_MS
     progress(f"part 3: {len(TENANTS)} tenants x {windows} windows")
-    outs = run_shares([{**base, "domain": t, "rate": rate} for t, _ in TENANTS], end - start)
+    outs = run_shares(specs, end - start)
     per = per_window(outs)
-    weights = [w for _, w in TENANTS]
-    want = [w / sum(weights) for w in weights]
+    weights = [float(w) for _, w in TENANTS]
+    phases = {"all three": weights, "after b stopped": [weights[0], 0.0, weights[2]]}
     rows = []
     ok = True
-    totals = [0] * len(TENANTS)
+    totals = {name: [0] * len(TENANTS) for name in phases}
     for k in sorted(per):
         w = per[k]
+        idx = (k - start) // WINDOW_MS - 1
         allowed, granted = sum(w["allowed"]), sum(w["granted"])
         within = allowed <= granted <= BUDGET
         util = allowed / BUDGET
-        good = within and util >= UTILISATION_TARGET
+        judged = idx != half  # the window b stops at: its share is held until it has been idle a window
+        good = within and (util >= UTILISATION_TARGET or not judged)
         ok &= good
-        totals = [a + b for a, b in zip(totals, w["allowed"], strict=True)]
+        if judged:
+            name = "all three" if idx < half else "after b stopped"
+            totals[name] = [a + b for a, b in zip(totals[name], w["allowed"], strict=True)]
+        verdict = "PASS" if good else ("MISS (over budget)" if not within else "MISS (utilisation)")
         rows.append(
             [
                 time.strftime("%H:%M:%S", time.gmtime(k / 1000 - WINDOW_MS / 1000)),
@@ -370,26 +379,36 @@ def part3(srv: ServerProcess, windows: int) -> tuple[list[str], bool]:
                 " + ".join(f"{x:,}" for x in w["allowed"]),
                 " / ".join(f"{x / allowed * 100:.1f}" if allowed else "-" for x in w["allowed"]),
                 f"{util * 100:.1f}%",
-                "PASS" if good else ("MISS (over budget)" if not within else "MISS (utilisation)"),
+                verdict if judged else verdict + " (b stops: utilisation not judged)",
             ]
         )
-    got = [x / sum(totals) if sum(totals) else 0.0 for x in totals]
-    shares_ok = all(abs(g - w) <= SHARE_TOLERANCE for g, w in zip(got, want, strict=True))
-    ok &= shares_ok and len(per) > 0
+    summary = []
+    for name, ws in phases.items():
+        got = totals[name]
+        if not sum(got):
+            continue
+        share = [x / sum(got) for x in got]
+        want = [x / sum(ws) for x in ws]
+        fine = all(abs(g - x) <= SHARE_TOLERANCE for g, x in zip(share, want, strict=True))
+        ok &= fine
+        summary.append(
+            f"{name}: {' / '.join(f'{t} {g * 100:.1f}%' for (t, _), g in zip(TENANTS, share, strict=True))} "
+            f"(weights' shares {' / '.join(f'{x * 100:.0f}%' for x in want)}, target within "
+            f"{SHARE_TOLERANCE * 100:.0f} points): " + ("PASS" if fine else "MISS")
+        )
+    ok &= len(summary) > 0
     names = " / ".join(f"{t} (w {w})" for t, w in TENANTS)
     out = [
-        f"3. {len(TENANTS)} tenants x 1 policy (fairness: weights {':'.join(str(w) for w in weights)}): "
+        f"3. {len(TENANTS)} tenants x 1 policy (fairness: weights {':'.join(str(w) for _, w in TENANTS)}): "
         f"fixedWindow {BUDGET:,} per {WINDOW_MS} ms, each tenant one process offering {rate:,} requests/s "
-        f"({TENANT_OFFERED:g}x the budget, paced) for {windows} windows, LeasedLimiter(batch={BATCH}, "
-        "domain=tenant)",
+        f"({TENANT_OFFERED:g}x the budget, paced) for {windows} windows (b for the first {half}), "
+        f"LeasedLimiter(batch={BATCH}, domain=tenant)",
         "",
         table(
             ["window (UTC)", "granted", "allowed", f"allowed {names}", "shares %", "allowed/budget", ""], rows
         ),
         "",
-        f"over the run: {' / '.join(f'{t} {g * 100:.1f}%' for (t, _), g in zip(TENANTS, got, strict=True))} "
-        f"(weights' shares {' / '.join(f'{w * 100:.0f}%' for w in want)}, target within "
-        f"{SHARE_TOLERANCE * 100:.0f} points): " + ("PASS" if shares_ok else "MISS"),
+        *summary,
         f"Fleet.Reserve round trips per tenant: {' '.join(str(o['reserves']) for o in outs)}; every window "
         f"allowed <= granted <= budget and >= {UTILISATION_TARGET:.0%} used: " + ("PASS" if ok else "MISS"),
     ]
