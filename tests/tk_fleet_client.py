@@ -5,9 +5,11 @@ a JSON spec (``target``, ``policy``, ``domain``, ``batch`` and the mode's own)::
 
     python tests/tk_fleet_client.py clients '{"target": "127.0.0.1:5000", "policy": "w", "domain": "t", ...}'
         (tests/test_fleet.py) runs ``clients`` threads, each with its own ``FleetBackend`` and
-        ``LeasedLimiter(batch)``, each making ``requests`` checks of cost 1 (the wall clock), and prints one
-        JSON object: the allowed checks per window (``reset_at``), the denials, the reserves sent, and
-        ``probes`` (one ``reserve`` per entry of ``probes``: its lease, or the exception's type and text).
+        ``LeasedLimiter(batch)`` for ``domain`` (or for the i-th of ``domains``), each making ``requests``
+        checks of cost 1 (the wall clock), and prints one JSON object: the allowed checks per window
+        (``reset_at``) and per domain, the denials, the reserves sent, and ``probes`` (one ``reserve`` per
+        entry of ``probes``, sent before the clients start when ``probes_first``: its lease, or the
+        exception's type and text).
 
     python tests/tk_fleet_client.py spend '{...}'
         (bench/fleet.py) reads one command per stdin line, ``lease S`` or ``direct S`` (seconds): for that
@@ -61,32 +63,49 @@ def _counting(
 
 def clients(spec: dict[str, Any]) -> dict[str, Any]:
     allowed: Counter[int] = Counter()
+    by_domain: Counter[str] = Counter()
     denied: list[dict[str, int]] = []
     reserves = [0]
     lock = threading.Lock()
     secret = spec.get("secret")
 
-    def client() -> None:
+    def client(domain: str) -> None:
         with FleetBackend(spec["target"], secret=secret) as fleet:
             _counting(fleet, reserves, lock=lock)
-            limiter = fleet.leased(spec["policy"], domain=spec["domain"], batch=spec["batch"])
+            limiter = fleet.leased(spec["policy"], domain=domain, batch=spec["batch"])
             for _ in range(spec["requests"]):
                 d = limiter.check()
                 with lock:
                     if d.allowed:
                         allowed[d.reset_at] += 1
+                        by_domain[domain] += 1
                     else:
                         denied.append(
                             {"reset_at": d.reset_at, "retry_after_ms": d.retry_after_ms, "limit": d.limit}
                         )
 
-    threads = [threading.Thread(target=client) for _ in range(spec["clients"])]
+    domains = spec.get("domains") or [spec["domain"]] * spec["clients"]
+    threads = [threading.Thread(target=client, args=(d,)) for d in domains]
+    probes: list[dict[str, Any]] = []
+    if spec.get("probes_first"):
+        run_probes(spec, probes)
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    probes: list[dict[str, Any]] = []
-    with FleetBackend(spec["target"], secret=secret) as fleet:
+    if not spec.get("probes_first"):
+        run_probes(spec, probes)
+    return {
+        "allowed": {str(k): v for k, v in allowed.items()},
+        "allowed_by_domain": dict(by_domain),
+        "denied": denied,
+        "reserves": reserves[0],
+        "probes": probes,
+    }
+
+
+def run_probes(spec: dict[str, Any], probes: list[dict[str, Any]]) -> None:
+    with FleetBackend(spec["target"], secret=spec.get("secret")) as fleet:
         for p in spec.get("probes", []):
             try:
                 lease = fleet.reserve(
@@ -106,12 +125,6 @@ def clients(spec: dict[str, Any]) -> dict[str, Any]:
                 )
             except Exception as e:
                 probes.append({"error": type(e).__name__, "text": str(e)})
-    return {
-        "allowed": {str(k): v for k, v in allowed.items()},
-        "denied": denied,
-        "reserves": reserves[0],
-        "probes": probes,
-    }
 
 
 def spend(spec: dict[str, Any]) -> None:

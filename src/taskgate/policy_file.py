@@ -320,7 +320,7 @@ def _parse_fairness(r: _Reader) -> FairnessSpec:
             if not isinstance(k, str) or not k:
                 raise _bad(r.policy, "fairness.weights", k, "fair keys as non-empty strings")
             weights.append((k, w.number(k)))
-    return FairnessSpec(weights=tuple(weights), default_weight=default)
+    return FairnessSpec(weights=tuple(weights), default_weight=default, declared=True)
 
 
 def _default_grace(rate: RateSpec | None) -> int:

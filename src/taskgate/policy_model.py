@@ -125,6 +125,7 @@ class FairnessSpec:
 
     weights: tuple[tuple[str, float], ...] = ()
     default_weight: float = 1.0
+    declared: bool = False  # the policy file has a ``fairness:`` section (the Fleet door splits by tenant)
 
     def weight(self, fair_key: str) -> float:
         return dict(self.weights).get(fair_key, self.default_weight)

@@ -111,9 +111,13 @@ class RedisBase:
             raise self._unavailable(raw) from raw
         return raw
 
-    def _lease_plan(self, policy: str, key: str, wants: int, axis: str, now: int | None) -> Plan[WindowLease]:
+    def _lease_plan(
+        self, policy: str, key: str, wants: int, axis: str, now: int | None, tenant: str | None, weight: float
+    ) -> Plan[WindowLease]:
         if axis == "rate":
-            return self._plan.lease_window(policy, key, wants, now)
+            return self._plan.lease_window(policy, key, wants, now, tenant=tenant, weight=weight)
+        if tenant is not None:
+            raise ValueError("a split between tenants is of a fixed window's rate (axis 'rate')")
         if axis == "tokens":
             return self._plan.lease_budget(policy, key, wants, now)
         raise ValueError(f"axis must be 'rate' or 'tokens', got {axis!r}")

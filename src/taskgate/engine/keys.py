@@ -8,6 +8,7 @@ so a key can never close the hash tag or collide with another key's layout)::
     {prefix}:{P:K}:b<i>     token budget i (hash: window start, charged)
     {prefix}:{P:K}:rv:<id>  one open reservation (hash: tokens, at, window start per budget)
     {prefix}:{P:K}:pv       what the provider reported (hash: hold until, pacing; ``lua/provider.lua``)
+    {prefix}:{P:K}:ft       the Fleet door's tenants of the window (hash: weight, last reserve, granted)
     {prefix}:{P:K}:c        concurrency leases when the limit is per key (sorted set lease -> expiry)
     {prefix}:{P}:c          concurrency leases when the limit is policy-wide
     ...:cm, ...:cw          lease meta (adaptive limit, mean hold) and waiters, beside the leases
@@ -125,6 +126,11 @@ class KeySet:
     def provider(self) -> str:
         """The provider's hold and pacing for this (policy, key) (read by check and admit)."""
         return self.base + ":pv"
+
+    @property
+    def tenants(self) -> str:
+        """The Fleet door's tenants of this (policy, key)'s window (``lua/op_lease.lua``)."""
+        return self.base + ":ft"
 
     def reservation(self, rid: str) -> str:
         return f"{self.base}:rv:{rid}"

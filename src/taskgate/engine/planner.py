@@ -17,7 +17,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from taskgate.engine import Script, StatsMode, script
-from taskgate.engine.decode import decode_decision, decode_forecast, decode_many, decode_window_lease
+from taskgate.engine.decode import (
+    decode_check,
+    decode_decision,
+    decode_forecast,
+    decode_many,
+    decode_window_lease,
+)
 from taskgate.engine.keys import escape, keyset, member_head, shares_stats_slot, stats_keys
 from taskgate.errors import OperationNotSupportedError
 from taskgate.logs import key_text
@@ -28,15 +34,16 @@ if TYPE_CHECKING:
     from taskgate.engine.stats_buffer import StatsDelta
 
 T = TypeVar("T")
+_NOW, _ONE = b"0", b"1"  # check's usual ARGV, pre-encoded (now = Redis TIME, cost 1)
 MAX_KEY_BYTES = 1024
 MAX_MANY = 1000
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass is ~4x slower to build, and one is built per call
 class Plan(Generic[T]):
     script: Script
     keys: list[str]
-    args: list[str | int | float]
+    args: Sequence[str | int | float | bytes]  # bytes: sent as they are
     decode: Callable[[Any], T]
     collect: str = ""  # stats mode collect: the policy whose counts the reply carries ({reply, deltas})
 
@@ -50,8 +57,7 @@ class _CheckStatic:
     mid: str
     max_cost: int
     books: bool  # booking horizon > 0
-    grace: int
-    tail: tuple[str | int | float, ...]  # ARGV after the grace: strategy params, horizon (, stats argument)
+    tail: tuple[str | int | float | bytes, ...]  # ARGV after the op's own: (the stats argument) or ()
     stats_keys: tuple[str, ...]  # KEYS after the op's own (stats mode inline)
     collect: str
 
@@ -150,14 +156,16 @@ class Planner:
         args: list[str | int | float],
         decode: Callable[[Any], T],
         member: str | None,
+        consts: tuple[str | int | float, ...] = (),
     ) -> Plan[T]:
-        """The plan of a counted operation; ``member`` is the caller's key (None: check, cut from KEYS)."""
+        """The plan of a counted operation; ``member`` is the caller's key (None: check, cut from KEYS);
+        ``consts``: the policy's constants written into the script (see :func:`taskgate.engine.script`)."""
         mode, skeys, head = self._stats(p)
         if mode == "off":
-            return Plan(script(op, strategy), keys, args, decode)
+            return Plan(script(op, strategy, consts=consts), keys, args, decode)
         arg: str | int = head if member is None else escape(member)
         return Plan(
-            script(op, strategy, mode, len(skeys) or 5),
+            script(op, strategy, mode, len(skeys) or 5, consts),
             keys + skeys if skeys else keys,
             [*args, arg],
             decode,
@@ -186,6 +194,11 @@ class Planner:
     def _rate_args(p: Policy, rate: RateSpec) -> list[str | int | float]:
         return [*rate_params(rate), p.booking_horizon_ms]
 
+    @classmethod
+    def _check_consts(cls, p: Policy, rate: RateSpec) -> tuple[str | int | float, ...]:
+        """``op_check.lua``'s TG_CONST: the booking grace, then the strategy's params and horizon."""
+        return (p.booking_grace_ms, *cls._rate_args(p, rate))
+
     def _check_static(self, name: str) -> _CheckStatic:
         """What every check of policy ``name`` shares, worked out once (the hot path only adds the key)."""
         got = self._checks.get(name) if isinstance(name, str) else None
@@ -193,7 +206,8 @@ class Planner:
             return got
         p, rate = self._rate_policy(name, "check")
         # the plan of a check on a stand-in key, cut around it: the same KEYS and ARGV as for any key
-        ref = self._counted(p, "check", rate.strategy, [keyset(self.prefix, p, "\0").base], [], _none, None)
+        base = keyset(self.prefix, p, "\0").base
+        ref = self._counted(p, "check", rate.strategy, [base], [], _none, None, self._check_consts(p, rate))
         head, mid = ref.keys[0].split("\0")
         got = self._checks[name] = _CheckStatic(
             ref.script,
@@ -201,8 +215,7 @@ class Planner:
             mid,
             rate.max_cost,
             p.booking_horizon_ms > 0,
-            p.booking_grace_ms,
-            tuple(self._rate_args(p, rate)) + tuple(ref.args),
+            tuple(ref.args),
             tuple(ref.keys[1:]),
             ref.collect,
         )
@@ -224,12 +237,18 @@ class Planner:
         base = c.head + escape(key) + c.mid  # keyset(prefix, policy, key).base
         # b: redeem a token and/or book; t: redeem a token only; c: plain consume
         mode = "b" if book and c.books else ("t" if token else "c")
-        if mode == "c":
+        if mode == "c":  # the usual call: its arguments as the bytes redis-py would encode them to
             keys = [base + ":r", base + ":pv", *c.stats_keys]
+            args: list[str | int | float | bytes] = [
+                _NOW if now is None else check_now(now),
+                b"c",
+                _ONE if cost == 1 else cost,
+                *c.tail,
+            ]
         else:
             keys = [base + ":r", base + ":bk", base + ":pv", *c.stats_keys]
-        args: list[str | int | float] = [check_now(now), mode, cost, token or "", c.grace, *c.tail]
-        return Plan(c.script, keys, args, decode_decision, c.collect)
+            args = [check_now(now), mode, cost, token or "", *c.tail]
+        return Plan(c.script, keys, args, decode_check, c.collect)
 
     def check_many(
         self, name: str, keys: Sequence[str], cost: int = 1, now: int | None = None
@@ -242,20 +261,19 @@ class Planner:
         check_units(cost, "cost", name, rate.max_cost)
         ks = [keyset(self.prefix, p, check_key(k)) for k in keys]
         rk = [k.rate for k in ks] + [k.provider for k in ks]
-        args: list[str | int | float] = [check_now(now), "c", cost, "", 0]
+        args: list[str | int | float] = [check_now(now), "c", cost]
         return self._counted(
-            p, "check", rate.strategy, rk, args + self._rate_args(p, rate), decode_many, None
+            p, "check", rate.strategy, rk, args, decode_many, None, self._check_consts(p, rate)
         )
 
     def peek(self, name: str, key: str, now: int | None = None) -> Plan[Decision]:
         p, rate = self._rate_policy(name, "peek")
         check_key(key)
-        args: list[str | int | float] = [check_now(now), "p", 1, "", 0]
         ks = keyset(self.prefix, p, key)
         return Plan(
-            script("check", rate.strategy),
+            script("check", rate.strategy, consts=self._check_consts(p, rate)),
             [ks.rate, ks.provider],
-            args + self._rate_args(p, rate),
+            [check_now(now), "p", 1],
             decode_decision,
         )
 
@@ -267,9 +285,19 @@ class Planner:
         args: list[str | int | float] = [check_now(now), *self._rate_args(p, rate)]
         return Plan(script("forecast", rate.strategy), [ks.rate], args, decode_forecast)
 
-    def lease_window(self, name: str, key: str, wants: int, now: int | None = None) -> Plan[WindowLease]:
+    def lease_window(
+        self,
+        name: str,
+        key: str,
+        wants: int,
+        now: int | None = None,
+        *,
+        tenant: str | None = None,
+        weight: float = 1.0,
+    ) -> Plan[WindowLease]:
         """Grant up to ``wants`` units of the current window of a fixedWindow policy for ``key`` ("" = one
-        policy-wide budget no check can name), from the counter ``check`` spends (``op_lease.lua``)."""
+        policy-wide budget no check can name), from the counter ``check`` spends (``op_lease.lua``). With a
+        ``tenant`` (of ``weight``), the window is split between the tenants that lease it by weight."""
         p, rate = self._rate_policy(name, "a lease")
         if rate.strategy != "fixedWindow":
             raise OperationNotSupportedError(
@@ -280,7 +308,16 @@ class Planner:
         wants = check_units(wants, "wants", name, None)
         ks = keyset(self.prefix, p, key)
         args: list[str | int | float] = [check_now(now), wants, *self._rate_args(p, rate)]
-        return Plan(script("lease", rate.strategy), [ks.rate], args, decode_window_lease)
+        if tenant is None:
+            return Plan(script("lease", rate.strategy), [ks.rate], args, decode_window_lease)
+        if tenant != "":
+            check_key(tenant)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < float("inf"):
+            raise ValueError(
+                f"policy {name!r}: the weight of tenant {tenant!r} must be a number > 0, got {weight!r}"
+            )
+        keys = [ks.rate, ks.tenants]
+        return Plan(script("lease", rate.strategy), keys, [*args, tenant, float(weight)], decode_window_lease)
 
     def reset(self, name: str, key: str) -> Plan[int]:
         p = self.policy(name)

@@ -214,12 +214,15 @@ class AsyncRedisBackend(RedisBase):
         *,
         axis: Literal["rate", "tokens"] = "rate",
         now: int | None = None,
+        tenant: str | None = None,
+        weight: float = 1.0,
     ) -> WindowLease:
         """Take up to ``wants`` units of the current window's budget at once (what the Fleet door grants a
         client to spend locally): of a fixedWindow policy's rate (``axis="rate"``, the units ``check``
         spends) or of its token budgets (``axis="tokens"``, charged like a debit); ``key`` "" is one
-        policy-wide budget."""
-        return await self._run(self._lease_plan(policy, key, wants, axis, now))
+        policy-wide budget. With a ``tenant`` (rate only), the tenants leasing the window split it by
+        ``weight`` (``engine/lua/op_lease.lua``)."""
+        return await self._run(self._lease_plan(policy, key, wants, axis, now, tenant, weight))
 
     async def reset(self, policy: str, key: str) -> None:
         """Forget all state of ``key`` under ``policy``."""
