@@ -311,7 +311,7 @@ class WaitingRoom:
             pipe.zcard(q)
             pipe.zcard(h)
             pipe.hgetall(m)
-            pipe.eval(head.source, 2, q, d)
+            pipe.execute_command("EVAL", head.source, 2, q, d)  # type: ignore[no-untyped-call]  # (no .eval on a cluster pipeline)
         raw = pipe.execute()
         out = []
         for i, (policy, key) in enumerate(rooms):
