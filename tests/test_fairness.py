@@ -562,3 +562,27 @@ def test_operators_see_the_fair_keys(
     serve(room, "w", 5, NOW + SLOT)
     assert room.fair_keys("w", "k") == {}
     b.close()
+
+
+def test_the_exporter_command_takes_fair_top(
+    redis_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``taskgate exporter --fair-top N`` labels N fair keys per policy (a negative N is refused by name)."""
+    import yaml
+
+    from taskgate import cli, metrics
+
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(yaml.safe_dump({"version": 1, "limiters": POLICIES}))
+    base = ["exporter", "--redis", redis_url, "--config", str(cfg), "--listen", "127.0.0.1:0"]
+    assert cli.main([*base, "--fair-top", "-1"]) == 2
+    assert "--fair-top must be >= 0, got -1" in capsys.readouterr().err
+    seen: dict[str, Any] = {}
+
+    def start(*a: Any, **kw: Any) -> Any:
+        seen.update(kw)
+        raise ValueError("stopped by the test")
+
+    monkeypatch.setattr(metrics, "start_exporter", start)
+    assert cli.main([*base, "--fair-top", "3"]) == 2
+    assert seen == {"fair_top": 3}

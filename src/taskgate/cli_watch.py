@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from taskgate.cli_base import Command, fail, load_config, register, store_args
+from taskgate.waiting_view import FAIR_TOP
 
 __all__: list[str] = []
 
@@ -99,6 +100,13 @@ def _configure_exporter(p: argparse.ArgumentParser) -> None:
         metavar="HOST:PORT",
         help="serve /metrics here (default: %(default)s; port 0 picks one)",
     )
+    p.add_argument(
+        "--fair-top",
+        type=int,
+        default=FAIR_TOP,
+        metavar="N",
+        help='fair keys labelled per policy, the rest summed as fair_key="other" (default: %(default)s)',
+    )
 
 
 def _run_exporter(args: argparse.Namespace) -> int:
@@ -111,11 +119,13 @@ def _run_exporter(args: argparse.Namespace) -> int:
         return fail("exporter", f"needs prometheus-client ({e}): pip install 'taskgate[metrics]'")
     if not args.redis:
         return fail("exporter", "no store: give --redis URL (or set $TASKGATE_URL)")
+    if args.fair_top < 0:
+        return fail("exporter", f"--fair-top must be >= 0, got {args.fair_top}")
     pols = load_config("exporter", args)
     if isinstance(pols, int):
         return pols
     try:
-        server, port = start_exporter(args.redis, pols, args.prefix, args.listen)
+        server, port = start_exporter(args.redis, pols, args.prefix, args.listen, fair_top=args.fair_top)
     except (OSError, ValueError) as e:
         return fail("exporter", e)
     host = args.listen.rpartition(":")[0]
