@@ -259,3 +259,30 @@ def test_stop_heartbeat_keeps_the_lease_held(side: str) -> None:
             assert await a.release() is True
 
     asyncio.run(go())
+
+
+IDLE_POLICIES = {"g": {"strategy": "gcra", "limit": 1, "period": "1s"}}
+
+
+def test_both_sides_check_an_idle_connection(redis_url: str) -> None:
+    """``connect`` and ``connect_async`` give their Redis client the same options: the sync side pinged a
+    connection idle for 30 s before using it (``health_check_interval``), the async side did not."""
+    sync_door = taskgate.connect(redis_url, IDLE_POLICIES)
+    assert isinstance(sync_door, taskgate.RedisBackend)
+    try:
+        sync_kw = sync_door.client.connection_pool.connection_kwargs
+    finally:
+        sync_door.close()
+
+    async def async_kwargs() -> dict[str, Any]:
+        door = taskgate.connect_async(redis_url, IDLE_POLICIES)
+        assert isinstance(door, taskgate.AsyncRedisBackend)
+        try:
+            return dict(door.client.connection_pool.connection_kwargs)
+        finally:
+            await door.aclose()
+
+    async_kw = asyncio.run(async_kwargs())
+    for name in ("health_check_interval", "socket_timeout", "socket_connect_timeout"):
+        assert sync_kw[name] == async_kw[name], name
+    assert async_kw["health_check_interval"] == 30

@@ -91,8 +91,7 @@ def _open(url: str | None, policies: PolicySource, prefix: str, options: dict[st
         return door(
             cluster_client.from_url(cluster.cluster_url(url), **options), pols, prefix=prefix, url=url
         )
-    if not aio:
-        options.setdefault("health_check_interval", 30)
+    options.setdefault("health_check_interval", 30)  # a PING first on a connection idle for 30 s
     return redis_door(redis_client.from_url(url, **options), pols, prefix=prefix, url=url)
 
 
