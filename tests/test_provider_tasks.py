@@ -227,7 +227,7 @@ def test_plain_admission_reports_an_sdk_error_once(eager: Env) -> None:
 
 
 def test_without_provider_deferral_the_error_stands_and_the_key_is_held(eager: Env) -> None:
-    """An integration that does not re-queue on a 429 (RQ for now): the hold is written, the error stands."""
+    """A group made without provider deferral (defer_on_429=False): the hold is written, the error stands."""
     g = AdmissionGroup([], backend=eager.b, key="k", policies=["llm"])  # defer_on_429=False
     with pytest.raises(RateLimitError), g:
         raise RateLimitError("5")
