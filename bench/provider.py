@@ -5,7 +5,7 @@
 A mock provider (``bench/mock_provider.py``) on 127.0.0.1: a hidden limit of ``--rpm`` requests per minute
 (and a non-binding token limit), enforced in buckets of ``--burst-s`` seconds' worth, answering 200 or 429
 with OpenAI-style ``x-ratelimit-*`` headers (and ``retry-after`` on a 429). ``--workers`` ``celery worker -P
-threads -c --concurrency`` processes (``bench/provider_app.py``) run ``--n`` tasks queued at once; each task
+--pool -c --concurrency`` processes (``bench/provider_app.py``) run ``--n`` tasks queued at once; each task
 makes one call and reports the answer (``taskgate.current().report``). The policy has no rate of its own:
 the provider's headers set it. The hidden limit halves after ``--phase-s`` seconds and doubles back after
 twice that. Then, from the mock's log of every call:
@@ -54,7 +54,7 @@ AMQP = "amqp://guest:guest@127.0.0.1:5672//"
 
 
 def start_workers(
-    env: dict[str, str], n: int, c: int, logdir: Path
+    env: dict[str, str], n: int, c: int, logdir: Path, pool: str = "threads"
 ) -> tuple[list[subprocess.Popen[bytes]], list[Path]]:
     procs, logs = [], []
     for i in range(n):
@@ -62,7 +62,7 @@ def start_workers(
         logs.append(log)
         procs.append(
             subprocess.Popen(
-                [sys.executable, "-m", "celery", "-A", "bench.provider_app", "worker", "-P", "threads",
+                [sys.executable, "-m", "celery", "-A", "bench.provider_app", "worker", "-P", pool,
                  "-c", str(c), "-n", f"prov{i}-{env['TGB_PREFIX']}@%h", "-l", "info",
                  "--without-heartbeat", "--without-mingle", "--without-gossip"],
                 env=env, cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
@@ -120,6 +120,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="halfway through the first phase someone outside the fleet spends the bucket and this many "
         "seconds' worth more of the key (the next calls get 429s with a Retry-After); 0: never",
     )
+    ap.add_argument(
+        "--park", choices=["auto", "always", "never"], default="auto", help="the policy's deferral.park"
+    )
+    ap.add_argument("--horizon", default="10s", help="the policy's provider.horizon")
+    ap.add_argument("--pool", choices=["threads", "prefork"], default="threads")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--broker", default=AMQP)
@@ -140,6 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "TGB_PREFIX": prefix,
         "TGB_RECORD": args.record_redis,
         "TGB_PROVIDER": url,
+        "TGB_PARK": args.park,
+        "TGB_HORIZON": args.horizon,
         "PYTHONPATH": str(ROOT),
     }
     os.environ.update({k: v for k, v in env.items() if k.startswith("TGB_")})
@@ -152,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logdir = Path("/tmp") / prefix
     logdir.mkdir(parents=True, exist_ok=True)
     print(f"mock provider at {url}; prefix {prefix}; logs in {logdir}; starting workers ...", flush=True)
-    procs, _ = start_workers(env, args.workers, args.concurrency, logdir)
+    procs, _ = start_workers(env, args.workers, args.concurrency, logdir, args.pool)
     changes: list[tuple[float, float]] = []
     try:
         t0 = time.time()
@@ -246,11 +253,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         lines.append(s)
 
     out(
-        f"{args.n} tasks, {args.workers} Celery workers x -P threads -c {args.concurrency}, RabbitMQ, store "
-        "on "
-        f"Redis; mock provider: {args.rpm:.0f} req/min hidden (buckets of {w:.0f} s), halved at "
-        f"{args.phase_s:.0f} s, doubled back at {2 * args.phase_s:.0f} s; at {args.phase_s / 2:.0f} s "
-        "another "
+        f"{args.n} tasks, {args.workers} Celery workers x -P {args.pool} -c {args.concurrency}, RabbitMQ, "
+        f"store on Redis (deferral.park {args.park}, provider.horizon {args.horizon}); mock provider: "
+        f"{args.rpm:.0f} req/min hidden (buckets of {w:.0f} s), halved at {args.phase_s:.0f} s, doubled back "
+        f"at {2 * args.phase_s:.0f} s; at {args.phase_s / 2:.0f} s another "
         f"client spends the key's bucket and {args.spend_s:.0f} s more"
     )
     out(f"run: {t_end - t0:.1f} s; {len(calls)} provider calls, {len(ok)} distinct 200s, {n429} 429s")

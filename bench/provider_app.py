@@ -19,12 +19,14 @@ from bench.mock_provider import call_provider
 
 __all__ = ["KEY", "POLICIES", "app", "call", "call_provider"]
 
-#  no rate of its own: the provider sets it. An adaptive concurrency limit shared by the fleet.
+#  no rate of its own: the provider sets it. An adaptive concurrency limit shared by the fleet. TGB_PARK:
+#  the policy's deferral.park (auto: the waiting room only on a store that persists); TGB_HORIZON: its
+#  provider.horizon (how far ahead callers paced by the provider get return slots).
 POLICIES: dict[str, Any] = {
     "llm": {
         "concurrency": {"minLimit": 4, "maxLimit": 32, "leaseTtl": "30s"},
-        "provider": {"maxDeferrals": 50},
-        "deferral": {"maxDeferrals": 1000},
+        "provider": {"maxDeferrals": 50, "horizon": os.environ.get("TGB_HORIZON", "10s")},
+        "deferral": {"maxDeferrals": 1000, "park": os.environ.get("TGB_PARK", "auto")},
     },
 }
 KEY = "org-1"  # one provider key (API key / organisation) shared by every worker

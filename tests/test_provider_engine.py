@@ -109,8 +109,9 @@ def test_reported_limits_pace_the_key(b: taskgate.RedisBackend) -> None:
     assert not b.check("rate", "acme", now=N + 1000).allowed
     # a later, higher remaining (the provider has not counted the calls in flight) never raises ours
     r = b.report("rate", "acme", {**headers, "x-ratelimit-remaining-requests": "50"}, now=N + 1000)
-    assert r.pacing_burst == 51
     assert not b.check("rate", "acme", now=N + 1000).allowed
+    # while denied callers hold return slots (up to N + 5000) the pacing banks no burst: 2 at most at once
+    assert r.pacing_burst == 2
     # the limit halves: the interval doubles
     halved = {**headers, "x-ratelimit-limit-requests": "30", "x-ratelimit-remaining-requests": "0"}
     r = b.report("rate", "acme", halved, now=N + 2000)
@@ -120,6 +121,9 @@ def test_reported_limits_pace_the_key(b: taskgate.RedisBackend) -> None:
     assert b.check("rate", "acme", now=N + 10_000).allowed
     assert not b.check("rate", "acme", now=N + 10_000).allowed
     assert b.check("rate", "acme", now=N + 12_000).allowed
+    # no one waits any more: the burst is the most remaining seen + 1 again
+    later = b.report("rate", "acme", {**halved, "x-ratelimit-remaining-requests": "20"}, now=N + 20_000)
+    assert later.pacing_burst == 21
 
 
 def test_return_slots_stop_at_the_horizon(b: taskgate.RedisBackend) -> None:

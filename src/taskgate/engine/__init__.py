@@ -86,6 +86,7 @@ def script(op: str, strategy: str | None = None, stats: StatsMode = "off", stats
         for frag in _EXTRA_FRAGMENTS.get(op, ()):
             parts.append(_read(frag))
     if op in _ROOM_ADMIT_OPS:  # the waiting room admits with the very body of op admit, as a function
+        parts.append("pv_spread = false  -- provider.lua: no return slots in a room (one queue)\n")
         parts.append(f"local function tg_admit(KEYS, ARGV)\n{_read('op_admit.lua')}\nend\n")
     body = _read(f"op_{op}.lua")
     if stats == "off" or op == "stats":
