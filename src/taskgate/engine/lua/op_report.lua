@@ -11,7 +11,11 @@
 -- provider.lua) and its remaining is lowered to the reported one
 -- (never raised: calls in flight are not in the provider's count yet); a 429 with a known pacing and no
 -- remaining counts as remaining 0; each budget's remaining in its current window is lowered to the reported
--- tokens remaining; a 429 shrinks an adaptive concurrency limit (x0.75, as a dropped release does).
+-- tokens remaining; a 429 shrinks an adaptive concurrency limit (x0.75, as a dropped release does); a raised
+-- limit re-bases the return cursor (wq) to now, so callers denied from then on come back at the new pace
+-- instead of after the slots handed out at the old one (those callers sleep on their return times: without
+-- it the fleet kept the old rate for up to provider.horizon, the provider's bucket refilled meanwhile, and
+-- the next callers to ask took that burst at once, over the new limit).
 -- Reply {hold_until (0 none), now, concurrency limit (0 none), provider's limit (0 none), pacing interval us,
 --        budgets lowered, 429s reported on this key, pacing burst (0 none), ms of hold this report added}
 -- Counters (policy `counters: true`): stats.lua wraps this body and adds its KEYS and one ARGV after these.
@@ -54,11 +58,6 @@ if rlimit > 0 and rwin > 0 then
   if rrem > mr then mr = rrem end
   iv, cap, plimit = niv, rlimit, rlimit
   if mr >= 0 and mr + 1 < cap then cap = mr + 1 end
-  -- While callers wait for return slots the pacing banks no burst: the calls it leaves unused (the waiters
-  -- were told to come back later) are not handed out at once to the next ones to ask, so a backlog runs at
-  -- the provider's pace and a raised limit is followed without overshoot (the provider's remaining still
-  -- lowers it). 2: one call of slack for a caller late to its slot.
-  if backlog and cap > 2 then cap = 2 end
   redis.call('HSET', K, 'iv', string.format('%.17g', iv), 'cap', cap, 'mr', mr, 'lim', rlimit, 'hz', hz)
 end
 if iv ~= nil then
