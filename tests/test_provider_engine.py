@@ -129,11 +129,21 @@ def test_a_raised_limit_gives_return_slots_at_the_new_pace_from_now(b: taskgate.
     # the provider doubles the limit: the next callers denied are not queued behind the slots handed out
     # at the old pace (the fleet would run at the old rate until they are used) but paced at the new one
     b.report("rate", "acme", {**per_min, "x-ratelimit-limit-requests": "120"}, now=N + 100)
+    r = b.report(
+        "rate",
+        "acme",
+        {**per_min, "x-ratelimit-limit-requests": "120", "x-ratelimit-remaining-requests": "30"},
+        now=N + 100,
+    )
+    assert r.pacing_burst == 2  # until the old slots are past (N + 4000), no burst is banked
     waits = [b.check("rate", "acme", now=N + 100).retry_after_ms for _ in range(3)]
     assert waits == [500, 1000, 1500]
     # a lowered limit leaves the cursor as it is: the next slot is after those handed out (N + 2100)
     b.report("rate", "acme", {**per_min, "x-ratelimit-limit-requests": "60"}, now=N + 200)
     assert b.check("rate", "acme", now=N + 200).retry_after_ms == 1900
+    # once every slot handed out at the lower pace is past, the burst is the most remaining seen + 1
+    r = b.report("rate", "acme", {**per_min, "x-ratelimit-remaining-requests": "30"}, now=N + 10_000)
+    assert r.pacing_burst == 31
 
 
 def test_a_waiting_room_is_paced_without_return_slots(b: taskgate.RedisBackend) -> None:

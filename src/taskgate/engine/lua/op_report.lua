@@ -24,7 +24,7 @@ local hold, longest, limited = tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4] == 
 local rlimit, rrem, rwin, trem = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
 local minl, maxl, hz, nb = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11]), tonumber(ARGV[12])
 local K = KEYS[1]
-local h = redis.call('HMGET', K, 'u', 'iv', 'cap', 'tat', 'wq')
+local h = redis.call('HMGET', K, 'u', 'iv', 'cap', 'tat', 'wq', 'wu')
 local u = tonumber(h[1]) or 0
 local ttl, added = 0, 0
 if hold > 0 then
@@ -44,8 +44,11 @@ if iv ~= nil then
   rem = cap - (t - now) / iv
 end
 local plimit = tonumber(redis.call('HGET', K, 'lim')) or 0
-local cursor = tonumber(h[5])
-local backlog = cursor ~= nil and cursor > now  -- denied callers hold return slots (provider.lua: wq)
+-- denied callers hold return slots until then: the cursor (provider.lua: wq), or the slots handed out
+-- before a raised limit re-based it (wu)
+local slow = tonumber(h[6]) or 0
+local waiting = math.max(tonumber(h[5]) or 0, slow)
+local backlog = waiting > now
 if rlimit > 0 and rwin > 0 then
   local niv = rwin / rlimit
   local mr = tonumber(redis.call('HGET', K, 'mr'))
@@ -53,11 +56,17 @@ if rlimit > 0 and rwin > 0 then
   if backlog and iv ~= nil and niv < iv - pv_tol(iv) then
     -- a raised limit: the next denied callers get return slots at the new pace from now, between those
     -- handed out at the old pace (the fleet reaches the new rate once callers ask, not after the old slots)
-    redis.call('HSET', K, 'wq', string.format('%.17g', now))
+    redis.call('HSET', K, 'wq', string.format('%.17g', now), 'wu', string.format('%.17g', waiting))
+    slow = waiting
   end
   if rrem > mr then mr = rrem end
   iv, cap, plimit = niv, rlimit, rlimit
   if mr >= 0 and mr + 1 < cap then cap = mr + 1 end
+  -- Until the slots handed out at a lower limit are past, the pacing banks no burst (2: one call of slack
+  -- for a caller late to its slot): those callers sleep until their slots, so the fleet runs under the new
+  -- limit until others ask, and the provider's bucket refills meanwhile; the calls left unused are not
+  -- handed out at once to the next ones to ask (callers beyond the horizon come back in bunches).
+  if slow > now and cap > 2 then cap = 2 end
   redis.call('HSET', K, 'iv', string.format('%.17g', iv), 'cap', cap, 'mr', mr, 'lim', rlimit, 'hz', hz)
 end
 if iv ~= nil then
