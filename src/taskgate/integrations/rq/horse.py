@@ -84,9 +84,11 @@ class Job(rq.job.Job):
             outcome = 1
             return result
         except Exception as e:
-            deferral = group._provider_deferral(e)  # the provider's 429: raises past provider.maxDeferrals
-            if group.reported:
-                outcome = 1  # a 429 already shrank an adaptive limit in the report: not a second time
+            try:
+                deferral = group._provider_deferral(e)  # a 429: raises past provider.maxDeferrals
+            finally:
+                if group.reported:
+                    outcome = 1  # a 429 already shrank an adaptive limit in the report: not a second time
             if deferral is not None:
                 raise ProviderDeferred(deferral) from e  # the worker defers the job (worker.py)
             raise
