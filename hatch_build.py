@@ -1,16 +1,19 @@
-"""Hatchling build hook: generate taskgate's gRPC stubs and ship them in the wheel.
+"""Hatchling build hook: generate taskgate's build artifacts and ship them in the wheel.
 
-Runs ``generate()`` from ``scripts/gen_proto.py`` (the same code as
-``python scripts/gen_proto.py``), which writes ``src/taskgate/_proto/`` from
-``contract/throttlekit.proto``. The stubs are git-ignored build artifacts, so:
+- ``generate()`` from ``scripts/gen_proto.py`` (the same code as ``python scripts/gen_proto.py``) writes the
+  gRPC stubs, ``src/taskgate/_proto/``, from ``contract/throttlekit.proto``;
+- ``generate()`` from ``scripts/unasync.py`` (the same code as ``python scripts/unasync.py``) writes the sync
+  doors and admission objects, ``src/taskgate/backends/_sync/``, from their asyncio sources.
+
+Both are git-ignored build artifacts, so:
 
 - a standard wheel (``pip install .``, ``python -m build``) force-includes them as
-  ``taskgate/_proto/*``;
+  ``taskgate/_proto/*`` and ``taskgate/backends/_sync/*``;
 - an editable wheel (``pip install -e .``) adds nothing: it imports ``taskgate``
-  straight from ``src/``, where the stubs have just been written.
+  straight from ``src/``, where they have just been written.
 
-Other targets (the sdist) are left alone: it ships the contract and this hook, and a
-wheel built from it generates its own stubs.
+Other targets (the sdist) are left alone: it ships the contract, the sources, the scripts and this hook, and
+a wheel built from it generates its own.
 """
 
 from __future__ import annotations
@@ -23,13 +26,19 @@ from typing import Any
 from hatchling.builders.hooks.plugin.interface import BuildHookInterface
 
 _GEN_PROTO = Path("scripts/gen_proto.py")
+_UNASYNC = Path("scripts/unasync.py")
+# (script, what it writes, the exception class it raises for a source it cannot generate from)
+_GENERATORS = (
+    (_GEN_PROTO, "the gRPC stubs", "ProtoGenerationError"),
+    (_UNASYNC, "the sync doors", "UnasyncError"),
+)
 
 
-def _load_gen_proto(root: Path) -> ModuleType:
-    path = root / _GEN_PROTO
+def _load(root: Path, script: Path) -> ModuleType:
+    path = root / script
     if not path.is_file():
-        raise RuntimeError(f"taskgate build: {path} is missing; it generates the gRPC stubs")
-    spec = importlib.util.spec_from_file_location("_taskgate_gen_proto", path)
+        raise RuntimeError(f"taskgate build: {path} is missing; it generates a part of the package")
+    spec = importlib.util.spec_from_file_location(f"_taskgate_{path.stem}", path)
     if spec is None or spec.loader is None:
         raise RuntimeError(f"taskgate build: cannot load {path}")
     module = importlib.util.module_from_spec(spec)
@@ -44,18 +53,22 @@ class CustomBuildHook(BuildHookInterface):  # type: ignore[type-arg]
         if self.target_name != "wheel":
             return
         root = Path(self.root)
-        gen_proto = _load_gen_proto(root)
-        try:
-            written: list[Path] = gen_proto.generate(root)
-        except gen_proto.ProtoGenerationError as exc:
-            raise RuntimeError(f"taskgate build: cannot generate the gRPC stubs: {exc}") from exc
-        self.app.display_info(f"taskgate: generated {len(written)} files in {gen_proto.OUT_DIR}")
+        written: list[Path] = []
+        for script, what, error in _GENERATORS:
+            gen = _load(root, script)
+            try:
+                files: list[Path] = gen.generate(root)
+            except getattr(gen, error) as exc:
+                raise RuntimeError(f"taskgate build: cannot generate {what}: {exc}") from exc
+            self.app.display_info(f"taskgate: generated {len(files)} files in {gen.OUT_DIR}")
+            written += files
         if version == "editable":
             return
         src = root.resolve() / "src"
         for path in written:
-            build_data["force_include"][str(path)] = path.relative_to(src).as_posix()
+            build_data["force_include"][str(path)] = path.resolve().relative_to(src).as_posix()
 
     def clean(self, versions: list[str]) -> None:
         if self.target_name == "wheel":
-            _load_gen_proto(Path(self.root)).clean(Path(self.root))
+            for script, _, _ in _GENERATORS:
+                _load(Path(self.root), script).clean(Path(self.root))

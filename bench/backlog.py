@@ -45,7 +45,7 @@ if __package__ in (None, ""):  # run as a script: this file must not shadow the 
 import redis
 
 from bench._common import delete_prefix, machine_info, record
-from bench.celery import Fleet
+from tests.fleet import Fleet, delete_queues, max_in_window, read_records
 
 ROOT = Path(__file__).resolve().parent.parent
 AMQP = "amqp://guest:guest@127.0.0.1:5672//"
@@ -54,21 +54,7 @@ STORE_URL = "redis://127.0.0.1:6379/9"
 
 
 def starts(rec: redis.Redis, prefix: str, kind: str = "start") -> list[tuple[str, float, str]]:
-    out = []
-    for raw in rec.lrange(f"{prefix}:{kind}", 0, -1):
-        ident, t, _pid, extra = raw.decode().split("|", 3)
-        out.append((ident, float(t), extra))
-    return out
-
-
-def max_in_window(ts: Sequence[float], width: float = 1.0) -> int:
-    s = sorted(ts)
-    best, j = 0, 0
-    for i in range(len(s)):
-        while s[i] - s[j] >= width:
-            j += 1
-        best = max(best, i - j + 1)
-    return best
+    return [(ident, t, extra) for ident, t, _, extra in read_records(rec, prefix, kind)]
 
 
 def room_totals(store: redis.Redis, prefix: str) -> dict[str, int]:
@@ -134,7 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     store = redis.Redis.from_url(STORE_URL)
     logdir = ROOT / "integration" / "logs"
     logdir.mkdir(parents=True, exist_ok=True)
-    w = Fleet("backlog", env, a.workers, a.concurrency, logdir, app="tests.apps.room_app", pool=a.pool)
+    w = Fleet(env, logdir, tag=prefix)
+    w.celery("tests.apps.room_app", "backlog-w", n=a.workers, concurrency=a.concurrency, pool=a.pool)
     lines: list[str] = []
 
     def say(s: str) -> None:
@@ -162,13 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = run(a, appmod, rec, store, w, prefix, tasks, rate, idle, say)
     finally:
         w.stop()
-        with appmod.app.connection_for_write() as conn:
-            ch = conn.default_channel
-            for q in (queue, queue + ".taskgate"):
-                try:
-                    ch.queue_delete(q)
-                except Exception as e:
-                    print(f"(queue {q} not deleted: {e})")
+        delete_queues(appmod.app, queue)
         delete_prefix(store, prefix)
         delete_prefix(rec, prefix)
     if a.record:

@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import statistics
-import subprocess
 import sys
 import time
 import uuid
@@ -49,102 +47,12 @@ import importlib
 import redis
 
 from bench._common import delete_prefix, machine_info, record, table
+from tests.fleet import Fleet, max_in_window
 
 ROOT = Path(__file__).resolve().parent.parent
 AMQP = "amqp://guest:guest@127.0.0.1:5672//"
 RECORD_URL = "redis://127.0.0.1:6379/5"
 STORE_URL = "redis://127.0.0.1:6379/9"
-
-
-class Fleet:
-    """``workers`` x ``celery worker -c concurrency`` on the bench app, consuming one queue."""
-
-    def __init__(
-        self,
-        name: str,
-        env: dict[str, str],
-        workers: int,
-        concurrency: int,
-        logdir: Path,
-        *,
-        app: str = "bench.celery_app",
-        pool: str = "prefork",
-    ) -> None:
-        self.name = name
-        self.env = env
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self.logs: list[Path] = []
-        for i in range(workers):
-            log = logdir / f"{name}-w{i}.log"
-            self.logs.append(log)
-            self.procs.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "celery", "-A", app, "worker", "-P", pool,
-                     "-c", str(concurrency), "-n", f"{name}{i}-{uuid.uuid4().hex[:8]}@%h", "-l", "info",
-                     "--without-heartbeat", "--without-mingle", "--without-gossip"],
-                    env=env, cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            )  # fmt: skip
-
-    def wait_ready(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if all(" ready." in log.read_text(errors="replace") for log in self.logs):
-                return
-            if any(p.poll() is not None for p in self.procs):
-                break
-            time.sleep(0.2)
-        raise RuntimeError(
-            f"fleet {self.name} did not start:\n" + "\n".join(x.read_text()[-3000:] for x in self.logs)
-        )
-
-    def cpu_s(self) -> float:
-        """CPU seconds (user + system) used so far by this fleet's processes: each worker is the leader of
-        its own session, and its pool children are in it."""
-        sessions = {p.pid for p in self.procs}
-        total = 0
-        for d in os.listdir("/proc"):
-            if not d.isdigit():
-                continue
-            try:
-                fields = Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[3]) in sessions:  # field 6: session id
-                total += int(fields[11]) + int(fields[12])  # fields 14, 15: utime, stime (clock ticks)
-        return total / os.sysconf("SC_CLK_TCK")
-
-    def rss_mib(self) -> float:
-        """RSS of every process of this fleet's sessions (mains and pool children), MiB."""
-        sessions = {p.pid for p in self.procs}
-        total = 0
-        for d in os.listdir("/proc"):
-            if not d.isdigit():
-                continue
-            try:
-                sid = int(Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[3])
-                if sid not in sessions:
-                    continue
-                for line in Path(f"/proc/{d}/status").read_text().splitlines():
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-        return total / 1024
-
-    def stop(self) -> None:
-        """SIGTERM each worker (warm shutdown: it stops its pool children), by PID; SIGKILL its process
-        group (the worker and its children, started in their own session) if it does not exit."""
-        for p in self.procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in self.procs:
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
 
 
 @dataclass
@@ -182,7 +90,7 @@ class RateRun:
 
     @property
     def max_window(self) -> int:
-        return max_in_window(self.starts, 1.0)
+        return max_in_window(self.starts)
 
     @property
     def total_s(self) -> float:
@@ -202,16 +110,6 @@ class RateRun:
 
 def rounds(t: Throughput) -> str:
     return " ".join(f"{x:.0f}" for x in t.per_s)
-
-
-def max_in_window(times: Sequence[float], width: float) -> int:
-    ts = sorted(times)
-    j = best = 0
-    for i, t in enumerate(ts):
-        while ts[j] <= t - width:
-            j += 1
-        best = max(best, i - j + 1)
-    return best
 
 
 class Bench:
@@ -237,18 +135,19 @@ class Bench:
         # the producer: the same app module, configured like the plain fleet (it only sends)
         os.environ.update({k: v for k, v in self.envs["plain"].items() if k.startswith("TGB_")})
         self.mod: ModuleType = importlib.import_module("bench.celery_app")
-        self.fleets: list[Fleet] = []
+        self.fleets: dict[str, Fleet] = {}
 
     def start(self) -> None:
+        """The two fleets: ``workers`` x ``celery worker -c concurrency`` (prefork) on the bench app each."""
         logdir = Path(f"/tmp/{self.prefix}")
-        logdir.mkdir(parents=True, exist_ok=True)
         for name in ("plain", "taskgate"):
-            self.fleets.append(Fleet(name, self.envs[name], self.args.workers, self.args.concurrency, logdir))
-        for f in self.fleets:
+            f = self.fleets[name] = Fleet(self.envs[name], logdir, tag=self.prefix)
+            f.celery("bench.celery_app", f"{name}-w", n=self.args.workers, concurrency=self.args.concurrency)
+        for f in self.fleets.values():
             f.wait_ready()
 
     def stop(self) -> None:
-        for f in self.fleets:
+        for f in self.fleets.values():
             f.stop()
         try:
             with self.mod.app.connection_for_write() as conn:
@@ -266,8 +165,8 @@ class Bench:
         run = uuid.uuid4().hex[:10]
         tasks = {"plain": self.mod.noop, "taskgate": self.mod.noop_tg, "counters off": self.mod.noop_tg_nc}
         task = tasks[variant]
-        fleet = self.fleets[0 if variant == "plain" else 1]
-        queue = self.queues[fleet.name]
+        name = "plain" if variant == "plain" else "taskgate"
+        fleet, queue = self.fleets[name], self.queues[name]
         done_key = f"{self.prefix}:{run}:done"
         cpu0, rcpu0 = fleet.cpu_s(), redis_cpu_s(self.rec)
         t0 = time.time()

@@ -1,7 +1,8 @@
 """Decision throughput and latency: taskgate's direct Redis door against its floor and against `limits`.
 
     .venv/bin/python bench/decisions.py [--redis URL] [--seconds S] [--slice S] [--pin auto|none|N]
-                                        [--record] [--profile] [--only SUBSTR,...] [--load-note TEXT]
+                                        [--record] [--profile] [--server-side] [--only SUBSTR,...]
+                                        [--load-note TEXT]
 
 All in one run, on the same Redis, one thread, synchronous calls, one client connection per measurement:
 
@@ -22,7 +23,8 @@ calls/s in the same slice: the measurements take turns in short slices for the w
 (see ``bench/RESULTS.md`` for why). ``--profile`` adds a cProfile of the ``check`` and ``check_many`` loops to
 the breakdown of where taskgate's time goes (pure-Python costs over a stub client, and the check-vs-bare gap
 split into the engine script's share and taskgate's Python share), which is also printed whenever a target
-is missed. ``--record`` appends the output to ``bench/RESULTS.md``.
+is missed; ``--server-side`` adds the scripts' own cost inside Redis (:func:`server_side`). ``--record``
+appends the output to ``bench/RESULTS.md``.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import cProfile
 import io
 import os
 import pstats
+import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -385,20 +388,20 @@ def _per_call_us(fn: Callable[[], object], batches: int = 7, n: int = 2000) -> f
     return best
 
 
-def decompose(bench: Bench, seconds: float, slices: int) -> str:
+def decompose(bench: Bench, seconds: float, slices: int, policy: str = "gcra_nocounters") -> str:
     """Split the check-vs-bare gap in the real loop: the bare loop; taskgate's own script run by a raw
     redis-py EVALSHA with pre-planned KEYS/ARGV (adds the engine's Lua, its ARGV and its 7-field reply, no
     taskgate Python); the full ``check`` (adds taskgate's Python). Interleaved slices, p50 of each."""
     n = 50_000
     try:
         with bench.backend() as b:
-            planned: list[tuple[str, list[str], list[Any]]] = []
+            planned: list[tuple[str, list[str], Sequence[Any]]] = []
             source = ""
             for k in bench.keys[:n]:
-                plan: Any = b._plan.check("gcra", k)
+                plan: Any = b._plan.check(policy, k)
                 planned.append((plan.script.sha, plan.keys, plan.args))
                 source = plan.script.source
-            b.check("gcra", "decompose-probe")  # loads the script
+            b.check(policy, "decompose-probe")  # loads the script
     except Exception as e:  # internals moved
         return f"decomposition n/a ({type(e).__name__}: {e})"
 
@@ -418,20 +421,72 @@ def decompose(bench: Bench, seconds: float, slices: int) -> str:
     steps = [
         SliceMeasurement("bare loop (floor)", bench.bare().setup),
         SliceMeasurement("taskgate's script, pre-planned KEYS/ARGV, raw redis-py EVALSHA", raw_script),
-        SliceMeasurement("taskgate check", bench.tg_check("gcra", "taskgate check").setup),
+        SliceMeasurement("taskgate check", bench.tg_check(policy, "taskgate check").setup),
     ]
     res = run_interleaved(steps, seconds, slices, warmup=0.2)
-    lines = [f"decomposition of the check-vs-bare gap (real loop, p50 µs, {seconds:g} s each, interleaved):"]
+    lines = [
+        f"decomposition of the check-vs-bare gap, policy {policy} (real loop, p50 µs, {seconds:g} s each, "
+        "interleaved; paired ratio to the bare loop in brackets):"
+    ]
     prev: SlicedResult | None = None
     for m in steps:
         r = res[m.name]
         delta = f"  (+{r.p50_us - prev.p50_us:.1f})" if prev is not None else ""
-        lines.append(f"  {m.name:<64} {r.p50_us:6.1f}{delta}")
+        ratio = paired_ratio(r, res[steps[0].name])
+        lines.append(f"  {m.name:<64} {r.p50_us:6.1f} [{ratio:.2f}x]{delta}")
         prev = r
     lines.append(
         "  first step = the engine script's cost (Lua, ARGV, reply) over the minimal GCRA; "
         "second step = taskgate's Python"
     )
+    return "\n".join(lines)
+
+
+def server_side(bench: Bench, rounds: int = 15, n: int = 3000) -> str:
+    """Where the script's time goes inside Redis: ``INFO commandstats`` µs per EVALSHA of the bare GCRA
+    script and of taskgate's check script (counters off, on), each over ``n`` pipelined calls on distinct
+    keys, in ``rounds`` alternating rounds (the median). Counts every EVALSHA the server ran meanwhile: run
+    it on a Redis of its own (``--server-side``)."""
+    r = redis.Redis.from_url(bench.url)
+    try:
+        with bench.backend() as b:
+            plans: dict[str, list[tuple[str, list[str], Sequence[Any]]]] = {}
+            for pol in ("gcra_nocounters", "gcra"):
+                ps = [b._plan.check(pol, f"ss{i}") for i in range(n)]
+                r.script_load(ps[0].script.source)
+                plans[pol] = [(p.script.sha, p.keys, p.args) for p in ps]
+        sha = r.script_load(BARE_GCRA)
+        plans["bare"] = [(sha, [f"{bench.prefix}:ssbare{i}"], [PERIOD_MS, LIMIT, BURST]) for i in range(n)]
+    except Exception as e:  # internals moved
+        r.close()
+        return f"server side n/a ({type(e).__name__}: {e})"
+
+    def stat() -> tuple[int, int]:
+        st = r.info("commandstats").get("cmdstat_evalsha", {})
+        return int(st.get("calls", 0)), int(st.get("usec", 0))
+
+    names = {"bare": "bare GCRA script", "gcra_nocounters": "check script, counters off",
+             "gcra": "check script, counters on"}  # fmt: skip
+    got: dict[str, list[float]] = {k: [] for k in names}
+    try:
+        for i in range(rounds):
+            for k in names if i % 2 == 0 else reversed(names):
+                c0, u0 = stat()
+                pipe = r.pipeline(transaction=False)
+                for j, (s, ks, args) in enumerate(plans[k]):
+                    pipe.evalsha(s, len(ks), *ks, *args)
+                    if j % 500 == 499:
+                        pipe.execute()
+                pipe.execute()
+                c1, u1 = stat()
+                got[k].append((u1 - u0) / max(1, c1 - c0))
+                delete_prefix(r, bench.prefix + ":")
+    finally:
+        r.close()
+    med = {k: statistics.median(v) for k, v in got.items()}
+    lines = [f"inside Redis (INFO commandstats, µs per EVALSHA, median of {rounds} rounds of {n}):"]
+    for k, label in names.items():
+        lines.append(f"  {label:<28} {med[k]:6.2f}  ({med[k] - med['bare']:+.2f} over the bare script)")
     return "\n".join(lines)
 
 
@@ -474,7 +529,7 @@ def breakdown(bench: Bench, res: dict[str, SlicedResult]) -> str:
                 "    keyset(prefix, policy, key).rate",
                 lambda: keys_mod.keyset(bench.prefix, policy, "u1").rate,
             ),
-            ("    RateSpec.params() (+ horizon)", lambda: planner._rate_args(policy, policy.rate)),
+            ("    rate_params(rate) (+ horizon)", lambda: planner._rate_args(policy, policy.rate)),
             ("    Plan(...) (frozen dataclass)", lambda: plan_mod.Plan(script, [], [], int)),
             ("  decode_decision(reply) -> Decision", lambda: plan_mod.decode_decision(raw)),
             (f"  Planner.check_many ({MANY} keys)", lambda: planner.check_many("gcra", keys)),
@@ -554,6 +609,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--record", action="store_true", help="append the results to bench/RESULTS.md")
     p.add_argument("--profile", action="store_true", help="also profile taskgate's Python path")
+    p.add_argument(
+        "--server-side",
+        action="store_true",
+        help="also time the scripts inside Redis (INFO commandstats: use a Redis of its own)",
+    )
     p.add_argument("--only", default="", help="comma-separated substrings: run only matching measurements")
     p.add_argument(
         "--load-note",
@@ -670,6 +730,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     extra = ""
     if needed <= set(res) and (args.profile or not ok):
         extra = "\n" + breakdown(bench, res) + "\n\n" + decompose(bench, args.seconds / 2, args.slices)
+        if args.server_side:
+            extra += "\n\n" + server_side(bench)
         if args.profile:
             extra += "\n\n" + profile(bench, min(args.seconds, 3.0))
         bench.cleanup()

@@ -1,11 +1,12 @@
 """The Fleet door (``throttlekit.v1.Fleet``): client-held leases against one round trip per decision.
 
-    .venv/bin/python bench/fleet.py [--redis URL] [--seconds S] [--rounds N] [--windows W] [--record]
+    .venv/bin/python bench/fleet.py [--redis URL] [--seconds S] [--rounds N] [--windows W]
+                                    [--tenant-windows T] [--parts 1,2,3] [--record]
 
 Against one real ``taskgate serve --redis ...`` on loopback (started here, stopped by PID):
 
 1. **Local spending vs round trips.** Decisions/s of ONE process spending leases locally with throttlekit-py's
-   own ``LeasedLimiter`` (``FleetBackend(...).leased(policy, domain, batch)``; ``bench/_fleet_worker.py``, a
+   own ``LeasedLimiter`` (``FleetBackend(...).leased(policy, domain, batch)``; ``tests/tk_fleet_client.py``, a
    process of its own: throttlekit-py and taskgate's stubs register the same ``throttlekit.proto`` in
    protobuf's default pool), against one round trip per decision through taskgate's own gRPC client
    (``taskgate.connect("grpc://...").check``) on the same fixedWindow policy and key (a budget that never
@@ -14,13 +15,20 @@ Against one real ``taskgate serve --redis ...`` on loopback (started here, stopp
    rounds in alternating order (A B, B A, ...); each side's figure is the median of its rounds, a ratio
    the median over the rounds of the two sides' decisions/s in the same round (back to back). Target:
    leases >= 100,000 decisions/s.
-2. **3 processes x 1 policy.** Three ``bench/_fleet_worker.py share`` processes offer 1.2x a fixedWindow
+2. **3 processes x 1 policy.** Three ``tests/tk_fleet_client.py share`` processes offer 1.2x a fixedWindow
    policy's budget between them (paced; in shares 3:2:1) for ``W`` windows of 1 s, aligned to the window
    boundaries, each leasing ``batch`` at a time; a denied process rejects locally until the window ends (the
    lease's ``retry_after_ms``). Per window (the decisions' ``reset_at``): the units the engine granted (the
    sum of the leases the processes got, each taken from the window's counter: nothing else spends it) and
    the decisions allowed, summed over the processes. Targets, every window: allowed <= granted <= budget;
    and where demand exceeded the budget (a process was denied), allowed / budget >= 95%.
+3. **3 tenants x 1 policy, weights 3:1:1.** The same budget on a policy with ``fairness:`` (the domains are
+   tenants of one window, ``server/fleet.py``), three ``share`` processes of tenants a, b, c (weights 3, 1,
+   1), each offering 0.8x the budget (every tenant wants more than its share) for ``T`` windows; b stops
+   after the first half. Per window and per phase: each tenant's share of the decisions allowed. Targets:
+   every window allowed <= granted <= budget and allowed / budget >= 95% (but the window b stops in: its
+   share is held until it has been idle for a window); each tenant's share within 2 points of its weight's:
+   60 / 20 / 20 % with all three, 75 / 0 / 25 % once b has stopped (work-conserving).
 
 ``--record`` appends the output to ``bench/RESULTS.md``. On a small, shared machine the client processes,
 the server and Redis share the CPUs; the report gives the load average before and after.
@@ -51,7 +59,7 @@ from bench._common import delete_prefix, fmt_rate, machine_info, record, table
 from taskgate.server.testing import ServerProcess
 
 DEFAULT_URL = "redis://127.0.0.1:6379/11"
-WORKER = Path(__file__).resolve().parent / "_fleet_worker.py"
+WORKER = Path(__file__).resolve().parent.parent / "tests" / "tk_fleet_client.py"  # ThrottleKit's client
 
 # part 1: a budget that never binds (every decision an allow), leased 10,000 at a time
 OPEN_LIMIT, OPEN_BATCH = 1_000_000_000, 10_000
@@ -64,10 +72,17 @@ SHARES = (3, 2, 1)
 PROCS = len(SHARES)
 UTILISATION_TARGET = 0.95
 
+# part 3: tenants a, b, c of weights 3, 1, 1, each offering 0.8x the budget
+TENANTS = (("a", 3), ("b", 1), ("c", 1))
+TENANT_OFFERED = 0.8
+SHARE_TOLERANCE = 0.02
+
 POLICY_YAML = (
     "version: 1\nlimiters:\n"
     f"  open: {{strategy: fixedWindow, limit: {OPEN_LIMIT}, windowMs: {WINDOW_MS}}}\n"
     f"  shared: {{strategy: fixedWindow, limit: {BUDGET}, windowMs: {WINDOW_MS}}}\n"
+    f"  tenants: {{strategy: fixedWindow, limit: {BUDGET}, windowMs: {WINDOW_MS},\n"
+    f"            fairness: {{weights: {{{', '.join(f'{t}: {w}' for t, w in TENANTS)}}}}}}}\n"
 )
 
 
@@ -80,8 +95,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=4, help="part 1, rounds (default: %(default)s)")
     p.add_argument("--windows", type=int, default=10, help="part 2, 1-s windows (default: %(default)s)")
     p.add_argument(
+        "--tenant-windows", type=int, default=10, help="part 3, 1-s windows (default: %(default)s)"
+    )
+    p.add_argument(
         "--offered", type=float, default=OFFERED, help="part 2, demand / budget (default: %(default)s)"
     )
+    p.add_argument("--parts", default="1,2,3", help="the parts to run (default: %(default)s)")
     p.add_argument("--record", action="store_true", help="append the results to bench/RESULTS.md")
     return p.parse_args(argv)
 
@@ -227,32 +246,8 @@ def part2(srv: ServerProcess, windows: int, offered: float) -> tuple[list[str], 
         "end_ms": end,
     }
     progress(f"part 2: {PROCS} processes x {windows} windows")
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(WORKER), "share", json.dumps({**spec, "rate": rate})],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        for rate in rates
-    ]
-    outs: list[dict[str, Any]] = []
-    try:
-        for p in procs:
-            stdout, _ = p.communicate(timeout=(end - start) / 1000 + 60)
-            if p.returncode != 0:
-                raise RuntimeError(f"a share worker exited with {p.returncode}")
-            outs.append(json.loads(stdout))
-    finally:
-        for p in procs:  # our own children, by their Popen (a failure above leaves the others running)
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    per: dict[int, dict[str, list[int]]] = {}
-    for i, o in enumerate(outs):
-        for k, v in o["windows"].items():
-            w = per.setdefault(int(k), {f: [0] * PROCS for f in ("allowed", "denied", "granted")})
-            for f in ("allowed", "denied", "granted"):
-                w[f][i] += v[f]
+    outs = run_shares([{**spec, "rate": rate} for rate in rates], end - start)
+    per = per_window(outs)
     rows = []
     ok = True
     over_budget = under = judged = 0
@@ -309,6 +304,117 @@ def part2(srv: ServerProcess, windows: int, offered: float) -> tuple[list[str], 
     return out, ok
 
 
+def run_shares(specs: list[dict[str, Any]], run_ms: int) -> list[dict[str, Any]]:
+    """One ``tests/tk_fleet_client.py share`` process per spec, at once; their JSON reports."""
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), "share", json.dumps(spec)], stdout=subprocess.PIPE, text=True
+        )
+        for spec in specs
+    ]
+    outs: list[dict[str, Any]] = []
+    try:
+        for p in procs:
+            stdout, _ = p.communicate(timeout=run_ms / 1000 + 60)
+            if p.returncode != 0:
+                raise RuntimeError(f"a share worker exited with {p.returncode}")
+            outs.append(json.loads(stdout))
+    finally:
+        for p in procs:  # our own children, by their Popen (a failure above leaves the others running)
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return outs
+
+
+def per_window(outs: list[dict[str, Any]]) -> dict[int, dict[str, list[int]]]:
+    """window end -> allowed / denied / granted -> one count per process."""
+    per: dict[int, dict[str, list[int]]] = {}
+    for i, o in enumerate(outs):
+        for k, v in o["windows"].items():
+            w = per.setdefault(int(k), {f: [0] * len(outs) for f in ("allowed", "denied", "granted")})
+            for f in ("allowed", "denied", "granted"):
+                w[f][i] += v[f]
+    return per
+
+
+# --- part 3 ------------------------------------------------------------------------------------------------
+
+
+def part3(srv: ServerProcess, windows: int) -> tuple[list[str], bool]:
+    rate = int(BUDGET * TENANT_OFFERED * 1000 / WINDOW_MS)
+    now = int(time.time() * 1000)
+    start = now - now % WINDOW_MS + 2 * WINDOW_MS
+    end = start + windows * WINDOW_MS
+    half = windows // 2 if windows >= 4 else windows  # tenant b stops after the first half
+    base = {"target": srv.target, "policy": "tenants", "batch": BATCH, "start_ms": start, "end_ms": end}
+    specs = [{**base, "domain": t, "rate": rate} for t, _ in TENANTS]
+    specs[1]["end_ms"] = start + half * WINDOW_MS
+    progress(f"part 3: {len(TENANTS)} tenants x {windows} windows")
+    outs = run_shares(specs, end - start)
+    per = per_window(outs)
+    weights = [float(w) for _, w in TENANTS]
+    phases = {"all three": weights, "after b stopped": [weights[0], 0.0, weights[2]]}
+    rows = []
+    ok = True
+    totals = {name: [0] * len(TENANTS) for name in phases}
+    for k in sorted(per):
+        w = per[k]
+        idx = (k - start) // WINDOW_MS - 1
+        allowed, granted = sum(w["allowed"]), sum(w["granted"])
+        within = allowed <= granted <= BUDGET
+        util = allowed / BUDGET
+        judged = idx != half  # the window b stops at: its share is held until it has been idle a window
+        good = within and (util >= UTILISATION_TARGET or not judged)
+        ok &= good
+        if judged:
+            name = "all three" if idx < half else "after b stopped"
+            totals[name] = [a + b for a, b in zip(totals[name], w["allowed"], strict=True)]
+        verdict = "PASS" if good else ("MISS (over budget)" if not within else "MISS (utilisation)")
+        rows.append(
+            [
+                time.strftime("%H:%M:%S", time.gmtime(k / 1000 - WINDOW_MS / 1000)),
+                f"{granted:,}",
+                f"{allowed:,}",
+                " + ".join(f"{x:,}" for x in w["allowed"]),
+                " / ".join(f"{x / allowed * 100:.1f}" if allowed else "-" for x in w["allowed"]),
+                f"{util * 100:.1f}%",
+                verdict if judged else verdict + " (b stops: utilisation not judged)",
+            ]
+        )
+    summary = []
+    for name, ws in phases.items():
+        got = totals[name]
+        if not sum(got):
+            continue
+        share = [x / sum(got) for x in got]
+        want = [x / sum(ws) for x in ws]
+        fine = all(abs(g - x) <= SHARE_TOLERANCE for g, x in zip(share, want, strict=True))
+        ok &= fine
+        summary.append(
+            f"{name}: {' / '.join(f'{t} {g * 100:.1f}%' for (t, _), g in zip(TENANTS, share, strict=True))} "
+            f"(weights' shares {' / '.join(f'{x * 100:.0f}%' for x in want)}, target within "
+            f"{SHARE_TOLERANCE * 100:.0f} points): " + ("PASS" if fine else "MISS")
+        )
+    ok &= len(summary) > 0
+    names = " / ".join(f"{t} (w {w})" for t, w in TENANTS)
+    out = [
+        f"3. {len(TENANTS)} tenants x 1 policy (fairness: weights {':'.join(str(w) for _, w in TENANTS)}): "
+        f"fixedWindow {BUDGET:,} per {WINDOW_MS} ms, each tenant one process offering {rate:,} requests/s "
+        f"({TENANT_OFFERED:g}x the budget, paced) for {windows} windows (b for the first {half}), "
+        f"LeasedLimiter(batch={BATCH}, domain=tenant)",
+        "",
+        table(
+            ["window (UTC)", "granted", "allowed", f"allowed {names}", "shares %", "allowed/budget", ""], rows
+        ),
+        "",
+        *summary,
+        f"Fleet.Reserve round trips per tenant: {' '.join(str(o['reserves']) for o in outs)}; every window "
+        f"allowed <= granted <= budget and >= {UTILISATION_TARGET:.0%} used: " + ("PASS" if ok else "MISS"),
+    ]
+    return out, ok
+
+
 # --- the run -----------------------------------------------------------------------------------------------
 
 
@@ -329,8 +435,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         srv.start()
         print("machine: " + "; ".join(f"{k} {v}" for k, v in meta.items()), flush=True)
-        body1, ok1 = part1(srv, args.seconds, args.rounds)
-        body2, ok2 = part2(srv, args.windows, args.offered)
+        parts = {x.strip() for x in args.parts.split(",")}
+        none: tuple[list[str], bool] = ([], True)
+        body1, ok1 = part1(srv, args.seconds, args.rounds) if "1" in parts else none
+        body2, ok2 = part2(srv, args.windows, args.offered) if "2" in parts else none
+        body3, ok3 = part3(srv, args.tenant_windows) if "3" in parts else none
     finally:
         srv.stop()
         os.unlink(f.name)
@@ -342,6 +451,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         *body1,
         "",
         *body2,
+        "",
+        *body3,
         "",
         f"(info) load average {' '.join(f'{x:.2f}' for x in load_before)} before the run, "
         f"{' '.join(f'{x:.2f}' for x in load_after)} after; run {time.monotonic() - t0:.0f} s",
@@ -356,7 +467,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.record:
         record("bench/fleet.py — Fleet leases", text, meta)
         print("appended to bench/RESULTS.md")
-    return 0 if ok1 and ok2 else 1
+    return 0 if ok1 and ok2 and ok3 else 1
 
 
 def _throttlekit_version() -> str:

@@ -30,8 +30,6 @@ import collections
 import importlib
 import math
 import os
-import signal
-import subprocess
 import sys
 import time
 import uuid
@@ -48,48 +46,22 @@ import redis
 
 from bench._common import delete_prefix, machine_info, record, table
 from bench.mock_provider import Call, MockProvider
+from tests.fleet import Fleet
 
 ROOT = Path(__file__).resolve().parent.parent
 AMQP = "amqp://guest:guest@127.0.0.1:5672//"
 
 
-def start_workers(
-    env: dict[str, str], n: int, c: int, logdir: Path, pool: str = "threads"
-) -> tuple[list[subprocess.Popen[bytes]], list[Path]]:
-    procs, logs = [], []
-    for i in range(n):
-        log = logdir / f"provider-w{i}.log"
-        logs.append(log)
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "celery", "-A", "bench.provider_app", "worker", "-P", pool,
-                 "-c", str(c), "-n", f"prov{i}-{env['TGB_PREFIX']}@%h", "-l", "info",
-                 "--without-heartbeat", "--without-mingle", "--without-gossip"],
-                env=env, cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
-            )
-        )  # fmt: skip
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        if all(" ready." in x.read_text(errors="replace") for x in logs):
-            return procs, logs
-        if any(p.poll() is not None for p in procs):
-            break
-        time.sleep(0.2)
-    stop(procs)
-    raise RuntimeError("workers did not start:\n" + "\n".join(x.read_text()[-3000:] for x in logs))
-
-
-def stop(procs: list[subprocess.Popen[bytes]]) -> None:
-    """SIGTERM each worker by PID; SIGKILL its own process group if it does not exit."""
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
+def start_workers(env: dict[str, str], n: int, c: int, logdir: Path, pool: str = "threads") -> Fleet:
+    """``n`` x ``celery worker -P pool -c c`` on the provider app (:class:`tests.fleet.Fleet`), ready."""
+    fleet = Fleet(env, logdir, tag=env["TGB_PREFIX"])
+    fleet.celery("bench.provider_app", "provider-w", n=n, concurrency=c, pool=pool)
+    try:
+        fleet.wait_ready(90)
+    except RuntimeError:
+        fleet.stop(30)
+        raise
+    return fleet
 
 
 def bins(times: Sequence[float], start: float, end: float, width: float) -> list[float]:
@@ -159,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logdir = Path("/tmp") / prefix
     logdir.mkdir(parents=True, exist_ok=True)
     print(f"mock provider at {url}; prefix {prefix}; logs in {logdir}; starting workers ...", flush=True)
-    procs, _ = start_workers(env, args.workers, args.concurrency, logdir, args.pool)
+    fleet = start_workers(env, args.workers, args.concurrency, logdir, args.pool)
     changes: list[tuple[float, float]] = []
     try:
         t0 = time.time()
@@ -189,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             time.sleep(2.0)
         t_end = time.time()
     finally:
-        stop(procs)
+        fleet.stop(30)
         mock.close()
     done = int(rec.get(f"{prefix}:done") or 0)
     deferred = {

@@ -18,12 +18,9 @@ carry ``tgbench-<pid>`` and are deleted at the end):
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import os
-import signal
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -43,6 +40,7 @@ from rq import Queue
 import taskgate
 import taskgate.rq
 from taskgate.integrations._gate import Deferred
+from tests.fleet import Fleet, max_in_window
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_URL = "redis://127.0.0.1:6379/11"
@@ -158,54 +156,27 @@ class BenchWorker(taskgate.rq.Worker):
 # -- running fleets -------------------------------------------------------------------------------------
 
 
-class Fleet:
-    def __init__(self, queue: str, n: int, worker: str, env: dict[str, str] | None = None) -> None:
-        self.queue = queue
-        self.logs = [Path(f"/tmp/{queue}-w{i}.log") for i in range(n)]
-        full_env = {
-            **os.environ,
-            "PYTHONPATH": str(ROOT),
-            "TG_BENCH_TAG": TAG,
-            "TG_BENCH_URL": URL,
-            "TASKGATE_URL": URL,
-            "TASKGATE_POLICIES": yaml.safe_dump({"version": 1, "limiters": POLICIES}),
-            **(env or {}),
-        }
-        job_class = "rq.job.Job" if "Plain" in worker else "taskgate.rq.Job"
-        verbosity = "-v" if os.environ.get("TG_BENCH_VERBOSE") else "-q"
-        self.procs = [
-            subprocess.Popen(
-                [sys.executable, "-m", "rq.cli", "worker", queue, "--url", URL, "--worker-class", worker,
-                 "--job-class", job_class, "--with-scheduler", "-n", f"{queue}-w{i}", verbosity],
-                env=full_env, stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=ROOT,
-                start_new_session=True,
-            )
-            for i, log in enumerate(self.logs)
-        ]  # fmt: skip
-        time.sleep(0.3)
-        deadline = time.monotonic() + 30
-        r = _conn()
-        while len([w for w in r.smembers(f"rq:workers:{queue}")]) < n:
-            if time.monotonic() > deadline or any(p.poll() is not None for p in self.procs):
-                raise RuntimeError(
-                    "workers did not start:\n" + "\n".join(x.read_text()[-1500:] for x in self.logs)
-                )
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        """Warm shutdown (SIGTERM), then SIGKILL whatever is left of each worker's process group (its RQ
-        scheduler child would outlive a worker that had to be killed)."""
-        for p in self.procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in self.procs:
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGKILL)
+def start_fleet(queue: str, n: int, worker: str, env: dict[str, str] | None = None) -> Fleet:
+    """``n`` x ``rq worker --with-scheduler`` on ``queue`` (:class:`tests.fleet.Fleet`), ready."""
+    full_env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "TG_BENCH_TAG": TAG,
+        "TG_BENCH_URL": URL,
+        "TASKGATE_URL": URL,
+        "TASKGATE_POLICIES": yaml.safe_dump({"version": 1, "limiters": POLICIES}),
+        **(env or {}),
+    }
+    job_class = "rq.job.Job" if "Plain" in worker else "taskgate.rq.Job"
+    quiet = not os.environ.get("TG_BENCH_VERBOSE")
+    fleet = Fleet(full_env, Path(f"/tmp/{queue}"), tag=queue)
+    fleet.rq(queue, URL, "w", n=n, worker_class=worker, job_class=job_class, quiet=quiet)
+    try:
+        fleet.wait_ready(30)
+    except RuntimeError:
+        fleet.stop()
+        raise
+    return fleet
 
 
 def enqueue(queue: str, fn: Any, run: str, n: int) -> None:
@@ -224,7 +195,7 @@ def wait_count(key: str, n: int, timeout: float) -> None:
 
 def throughput(worker: str, fn: Any, n: int, label: str, workers: int) -> float:
     queue = f"{TAG}-{label}"
-    fleet = Fleet(queue, workers, worker)
+    fleet = start_fleet(queue, workers, worker)
     try:
         run = f"r{time.monotonic_ns()}"
         enqueue(queue, fn, run, n)
@@ -239,21 +210,12 @@ def throughput(worker: str, fn: Any, n: int, label: str, workers: int) -> float:
         fleet.stop()
 
 
-def max_in_window(times: list[float], width: float = 1.0) -> int:
-    j, best = 0, 0
-    for i, t in enumerate(times):
-        while times[j] <= t - width:
-            j += 1
-        best = max(best, i - j + 1)
-    return best
-
-
 _serial = itertools.count()
 
 
 def accuracy(label: str, fn: Any, limit: float, workers: int, n: int, env: dict[str, str]) -> list[str]:
     queue = f"{TAG}-acc{next(_serial)}"
-    fleet = Fleet(queue, workers, "bench.rq.BenchWorker", env)
+    fleet = start_fleet(queue, workers, "bench.rq.BenchWorker", env)
     r = _conn()
     try:
         run = queue

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import time
 import uuid
@@ -33,44 +32,11 @@ if __package__ in (None, ""):  # run as a script: this file must not shadow the 
 import redis
 
 from bench._common import delete_prefix, machine_info, record
-from bench.backlog import max_in_window
-from bench.celery import Fleet
+from tests.fleet import Fleet, max_in_window, read_records
 
 ROOT = Path(__file__).resolve().parent.parent
 RQ_URL = "redis://127.0.0.1:6379/6"
 STORE_URL = "redis://127.0.0.1:6379/9"
-
-
-class RqWorkers(Fleet):
-    """``n`` x ``rq worker`` on one queue, each in its own session (by PID; RSS, stop: as Celery's)."""
-
-    def __init__(self, env: dict[str, str], n: int, queue: str, logdir: Path) -> None:
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self.logs: list[Path] = []
-        self.names = [f"{queue}-w{i}" for i in range(n)]
-        for name in self.names:
-            log = logdir / f"rq-backlog-{name}.log"
-            self.logs.append(log)
-            self.procs.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "rq.cli", "worker", queue, "--url", RQ_URL, "--quiet",
-                     "--worker-class", "tests.apps.rq_room_jobs.RoomWorker", "--job-class", "taskgate.rq.Job",
-                     "--with-scheduler", "-n", name],
-                    env=env, cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            )  # fmt: skip
-
-    def wait_ready(self, timeout: float = 60.0) -> None:
-        r = redis.Redis.from_url(RQ_URL)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if all(r.exists(f"rq:worker:{n}") for n in self.names):
-                return
-            if any(p.poll() is not None for p in self.procs):
-                break
-            time.sleep(0.2)
-        raise RuntimeError("workers did not start:\n" + "\n".join(x.read_text()[-3000:] for x in self.logs))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -103,7 +69,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     q = Queue(prefix, connection=r)
     logdir = ROOT / "integration" / "logs"
     logdir.mkdir(parents=True, exist_ok=True)
-    w = RqWorkers(env, a.workers, prefix, logdir)
+    w = Fleet(env, logdir, tag=prefix)  # rq workers on one queue, each in its own session
+    w.rq(
+        prefix,
+        RQ_URL,
+        "rq-backlog-w",
+        n=a.workers,
+        worker_class="tests.apps.rq_room_jobs.RoomWorker",
+        quiet=True,
+    )
     lines: list[str] = []
     ok = False
 
@@ -131,8 +105,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             time.sleep(2)
             peak_rss = max(peak_rss, w.rss_mib())
         end = time.time()
-        got = [x.decode().split("|") for x in r.lrange(f"{prefix}:start", 0, -1)]
-        ts = sorted(float(x[1]) for x in got)
+        got = read_records(r, prefix, "start")
+        ts = sorted(t for _, t, _, _ in got)
         late = [t for t in ts if t0 + 30 <= t <= end]
         r30 = len(late) / (end - t0 - 30)
         top = max_in_window(late)

@@ -47,6 +47,7 @@ from integration.procs import Proc, RedisServer, ServeProc
 from taskgate.engine.keys import keyset
 from taskgate.errors import TaskgateError
 from taskgate.types import LeaseRef
+from tests.fleet import CELERY_READY, RQ_READY, Starting, celery_argv, log_has, rq_argv, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 LOGS = ROOT / "integration" / "logs"
@@ -278,15 +279,14 @@ class Battle:
         for s in self.servers:
             s.wait_ready()
         self.say("3 x taskgate serve: " + ", ".join(s.url for s in self.servers))
-        py = sys.executable
         for i in range(2):
-            self.celery_a.append(self._celery("A", i, {**env, "TGB_SERVICE": "memory://"}, py))
-            self.celery_b.append(self._celery("B", i, {**env, "TGB_SERVICE": self.servers[i].url}, py))
+            self.celery_a.append(self._celery("A", i, {**env, "TGB_SERVICE": "memory://"}))
+            self.celery_b.append(self._celery("B", i, {**env, "TGB_SERVICE": self.servers[i].url}))
         for i in range(2):
             name = f"rq{i}"
-            cmd = [py, "-m", "rq.cli", "worker", wl.QUEUE_R, "--url", self.private.url(2), "--worker-class",
-                   "taskgate.rq.Worker", "--job-class", "taskgate.rq.Job", "--with-scheduler", "-n",
-                   f"{name}-{self.run}"]  # fmt: skip
+            cmd = rq_argv(
+                wl.QUEUE_R, self.private.url(2), f"{name}-{self.run}", worker_class="taskgate.rq.Worker"
+            )
             self.rq.append(Proc(name, cmd, self.logdir / f"{name}.log", env).start())
         self._wait_ready()
         self.rec = Records(self.private.client(10.0))
@@ -300,32 +300,20 @@ class Battle:
             f"2 RQ workers ({wl.QUEUE_R}, direct door): ready"
         )
 
-    def _celery(self, app: str, i: int, env: dict[str, str], py: str) -> Proc:
+    def _celery(self, app: str, i: int, env: dict[str, str]) -> Proc:
         assert self.wl is not None
         name = f"celery-{app.lower()}{i}"
         queue = self.wl.QUEUE_A if app == "A" else self.wl.QUEUE_B
-        cmd = [py, "-m", "celery", "-A", f"integration.workload:app_{app.lower()}", "worker", "-Q", queue,
-               "-c", "2", "-P", "prefork", "-n", f"{app.lower()}{i}-{self.run}@%h", "-l", "info",
-               "--without-heartbeat", "--without-mingle", "--without-gossip"]  # fmt: skip
+        node = f"{app.lower()}{i}-{self.run}@%h"
+        cmd = celery_argv(f"integration.workload:app_{app.lower()}", node, concurrency=2, queues=[queue])
         return Proc(name, cmd, self.logdir / f"{name}.log", env).start()
 
     def _wait_ready(self) -> None:
-        ready = {
-            **{p.name: " ready." for p in self.celery_a + self.celery_b},
-            **{p.name: "Listening on" for p in self.rq},
-        }
-        procs_by_name = {p.name: p for p in self.celery_a + self.celery_b + self.rq}
-        deadline = time.monotonic() + 90
-        while ready:
-            for name, marker in list(ready.items()):
-                p = procs_by_name[name]
-                if marker in p.log_text():
-                    del ready[name]
-                elif not p.alive():
-                    raise RuntimeError(f"{name} exited at startup:\n{p.log_text()[-3000:]}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"workers not ready after 90 s: {sorted(ready)}")
-            time.sleep(0.2)
+        starting = [
+            Starting(p.name, p.log, log_has(p.log, RQ_READY if p in self.rq else CELERY_READY), p.alive)
+            for p in self.celery_a + self.celery_b + self.rq
+        ]
+        wait_ready(starting, 90)
 
     # -- the workload --------------------------------------------------------------------------------------
 

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import math
 from collections import Counter, defaultdict
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from taskgate.policy import Policies
+from tests.fleet import busiest_window
 
-__all__ = ["Check", "Evidence", "Execution", "Kill", "Outage", "Pause", "evaluate", "max_in_window"]
+__all__ = ["Check", "Evidence", "Execution", "Kill", "Outage", "Pause", "evaluate"]
 
 # A fail-open decision may complete this long after the store came back (a call that timed out, retried)
 OUTAGE_GRACE_S = 2.5
@@ -145,18 +145,6 @@ class Check:
     details: list[str] = field(default_factory=list)
 
 
-def max_in_window(times: Iterable[float], width: float = 1.0) -> tuple[int, float]:
-    """The most events in any half-open window of ``width`` seconds, and where that window starts."""
-    ts = sorted(times)
-    j, best, at = 0, 0, 0.0
-    for i, t in enumerate(ts):
-        while ts[j] <= t - width:
-            j += 1
-        if i - j + 1 > best:
-            best, at = i - j + 1, ts[j]
-    return best, at
-
-
 def _fmt_t(ev: Evidence, t: float) -> str:
     return f"t+{t - ev.started_at:.1f}s"
 
@@ -233,7 +221,7 @@ def check_rates(ev: Evidence) -> tuple[Check, dict[str, Any]]:
             by_tenant[x.tenant].append(x)
         worst = (0, 0.0, "-")
         for tenant, xs in sorted(by_tenant.items()):
-            n, at = max_in_window(x.start for x in xs)
+            n, at = busiest_window(x.start for x in xs)
             if n > worst[0]:
                 worst = (n, at, tenant)
         over = max(0, worst[0] - cap)

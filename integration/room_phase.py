@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import time
 import uuid
 from collections import Counter
@@ -32,8 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from integration.checks import Check, max_in_window
-from integration.procs import Proc, RedisServer
+from integration.checks import Check
+from integration.procs import RedisServer
+from tests.fleet import Fleet, Record, delete_queues, max_in_window, read_records
 
 
 @dataclass(frozen=True)
@@ -67,22 +67,12 @@ def run(plan: RoomPlan, tmp: Path, logdir: Path, say: Callable[[str], None]) -> 
     os.environ.update({k: v for k, v in env.items() if k.startswith("TG_")})
     from tests.apps import room_app
 
-    workers: list[Proc] = []
+    fleet = Fleet(env, logdir, tag=prefix)  # two Celery workers (-P threads -c 16), then a third
     faults: list[str] = []
 
-    def worker() -> Proc:
-        i = len(workers)
-        cmd = [sys.executable, "-m", "celery", "-A", "tests.apps.room_app", "worker", "-P", "threads",
-               "-c", "16", "-n", f"room{i}-{prefix}@%h", "-l", "info",
-               "--without-heartbeat", "--without-mingle", "--without-gossip"]  # fmt: skip
-        p = Proc(f"room-worker{i}", cmd, logdir / f"room-worker{i}.log", env).start()
-        workers.append(p)
-        deadline = time.monotonic() + 60
-        while " ready." not in p.log.read_text(errors="replace"):
-            if not p.alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"room worker {i} did not start: see {p.log}")
-            time.sleep(0.2)
-        return p
+    def worker() -> None:
+        fleet.celery("tests.apps.room_app", f"room-worker{len(fleet.procs)}", concurrency=16, pool="threads")
+        fleet.wait_ready(60)
 
     rec = records.client(10.0)
     key = f"{prefix}:start"
@@ -100,10 +90,10 @@ def run(plan: RoomPlan, tmp: Path, logdir: Path, say: Callable[[str], None]) -> 
                 time.sleep(0.1)
 
         at(0.25)
-        killed = workers[0]
+        killed = fleet.procs[0]
         killed_at = time.time()
-        killed.popen.kill()  # type: ignore[union-attr]
-        killed.popen.wait()  # type: ignore[union-attr]
+        killed.kill()
+        killed.wait()
         faults.append(f"room: SIGKILL worker 0 (pid {killed.pid}, its promoter) at +{killed_at - t0:.1f}s")
         worker()
         replaced = time.time()  # the killed worker's unacked tasks (acks_late) now run on the others
@@ -112,7 +102,7 @@ def run(plan: RoomPlan, tmp: Path, logdir: Path, say: Callable[[str], None]) -> 
         restarted = up
         faults.append(f"room: store restarted (AOF) at +{down - t0:.1f}s, up after {up - down:.2f}s")
         at(0.7)
-        stopped = workers[1]
+        stopped = fleet.procs[1]
         os.kill(stopped.pid, signal.SIGSTOP)
         time.sleep(6)
         os.kill(stopped.pid, signal.SIGCONT)
@@ -122,27 +112,14 @@ def run(plan: RoomPlan, tmp: Path, logdir: Path, say: Callable[[str], None]) -> 
         while rec.llen(key) < plan.tasks and time.time() < deadline:
             time.sleep(1)
         time.sleep(3)  # time for a second run, if there were one
-        raw = [_text(x).split("|", 3) for x in rec.lrange(key, 0, -1)]
+        raw = read_records(rec, prefix, "start")
         counts = _room_counts(store.client(10.0), prefix)
     finally:
-        for p in workers:
-            if p.alive():
-                os.kill(p.pid, signal.SIGCONT)
-                p.popen.terminate()  # type: ignore[union-attr]
-        for p in workers:
-            if p.popen is not None:
-                try:
-                    p.popen.wait(30)
-                except Exception:
-                    p.popen.kill()
-        _delete_queues(room_app.app, env["TG_QUEUE"])
+        fleet.stop(30)
+        delete_queues(room_app.app, env["TG_QUEUE"])
         store.stop()
         records.stop()
     return _checks(plan, raw, killed_at, killed.pid, (replaced, restarted, resumed), counts), faults
-
-
-def _text(x: bytes | str) -> str:
-    return x.decode() if isinstance(x, bytes) else x
 
 
 def _room_counts(client: Any, prefix: str) -> dict[str, int]:
@@ -153,28 +130,19 @@ def _room_counts(client: Any, prefix: str) -> dict[str, int]:
     return dict(out)
 
 
-def _delete_queues(app: Any, queue: str) -> None:
-    with app.connection_for_write() as conn:
-        for q in (queue, queue + ".taskgate"):
-            try:
-                conn.default_channel.queue_delete(q)
-            except Exception as e:
-                print(f"(queue {q} not deleted: {e})")
-
-
 def _checks(
     plan: RoomPlan,
-    raw: list[list[str]],
+    raw: list[Record],
     killed_at: float,
     killed_pid: int,
     bunching: tuple[float, ...],
     counts: dict[str, int],
 ) -> list[Check]:
     ids = [r[0] for r in raw]
-    times = sorted(float(r[1]) for r in raw)
+    times = sorted(r[1] for r in raw)
     n = Counter(ids)
     lost = plan.tasks - len(n)
-    cut_short = {r[0] for r in raw if int(r[2]) == killed_pid and float(r[1]) >= killed_at - 2}
+    cut_short = {r[0] for r in raw if r[2] == killed_pid and r[1] >= killed_at - 2}
     twice = {i for i, c in n.items() if c > 1}
     bad = sorted(i for i in twice if i not in cut_short or n[i] > 2)
     span = times[-1] - times[0] if len(times) > 1 else 0.0
@@ -183,7 +151,7 @@ def _checks(
     # store restart (work deferred while it was down comes back) and after the stopped worker resumes (it
     # starts the grants it held), granted tasks start together: those seconds are left out
     calm = [t for t in times if not any(b <= t < b + 3 for b in bunching)]
-    top, _ = max_in_window(calm, 2.0)
+    top = max_in_window(calm, 2.0)
     bound = int(2 * plan.rate * 1.03) + 2
     parked = counts.get("np", 0)
     return [

@@ -99,7 +99,8 @@ def prefix() -> str:
 
 @pytest.fixture(scope="session")
 def cluster_url() -> Iterator[str]:
-    """A 3-master Redis Cluster on loopback (ports 7100-7102), started once for the session."""
+    """A 3-master Redis Cluster on loopback (ports 7100-7102, or from ``TASKGATE_TEST_CLUSTER_PORT``), started
+    once for the session."""
     import shutil
 
     from tests.redis_cluster import Cluster
@@ -114,7 +115,8 @@ def cluster_url() -> Iterator[str]:
         cluster.start()
     except Exception as e:
         cluster.stop()
-        require(False, "a Redis Cluster on 127.0.0.1:7100-7102", f"it could not start: {e}")
+        ports = f"{cluster.ports[0]}-{cluster.ports[-1]}"
+        require(False, f"a Redis Cluster on 127.0.0.1:{ports}", f"it could not start: {e}")
     yield cluster.url
     cluster.stop()
 

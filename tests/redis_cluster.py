@@ -5,6 +5,7 @@ Started with the machine's ``redis-server`` / ``redis-cli``; every process is st
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -12,7 +13,8 @@ import tempfile
 import time
 from pathlib import Path
 
-BASE_PORT = 7100
+# TASKGATE_TEST_CLUSTER_PORT moves the cluster (runs side by side on one machine each take their own ports)
+BASE_PORT = int(os.environ.get("TASKGATE_TEST_CLUSTER_PORT", "7100"))
 
 
 class Cluster:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -531,12 +531,17 @@ PLAN_POLICIES = {
 @pytest.mark.parametrize("cluster", [False, True])
 def test_check_plans_are_the_general_composition(cluster: bool) -> None:
     """check's plan (per-policy parts worked out once) is exactly the general one: the keyset of the key, the
-    op's ARGV and the strategy's, then the counters' KEYS and argument; for every kind of policy and key."""
+    op's ARGV, the policy's constants in the script, then the counters' KEYS and argument; for every kind of
+    policy and key."""
     from taskgate.engine.keys import keyset
-    from taskgate.engine.plan import Planner, check_now
+    from taskgate.engine.plan import Planner, check_now, rate_params
 
     pols = taskgate.load_policies(PLAN_POLICIES)
     planner = Planner(pols, prefix="pp", cluster=cluster)
+
+    def wire(args: Sequence[str | int | float | bytes]) -> list[bytes]:  # check sends its usual ARGV encoded
+        return [a if isinstance(a, bytes) else str(a).encode() for a in args]
+
     for name in pols:
         p = pols[name]
         assert p.rate is not None
@@ -549,9 +554,11 @@ def test_check_plans_are_the_general_composition(cluster: bool) -> None:
                 ks = keyset("pp", p, key)
                 mode = "b" if book and p.booking_horizon_ms > 0 else ("t" if token else "c")
                 keys = [ks.rate, ks.bookings, ks.provider] if mode != "c" else [ks.rate, ks.provider]
-                args = [check_now(now), mode, cost, token, p.booking_grace_ms, *p.rate.params()]
-                want = planner._counted(p, "check", p.rate.strategy, keys, [*args, p.booking_horizon_ms],
-                                        got.decode, None)  # fmt: skip
-                assert (got.script, got.keys, got.args, got.collect) == (
-                    want.script, want.keys, want.args, want.collect,
+                args: list[str | int | float] = [check_now(now), mode, cost]
+                if mode != "c":
+                    args.append(token)
+                consts = (p.booking_grace_ms, *rate_params(p.rate), p.booking_horizon_ms)
+                want = planner._counted(p, "check", p.rate.strategy, keys, args, got.decode, None, consts)
+                assert (got.script, got.keys, wire(got.args), got.collect) == (
+                    want.script, want.keys, wire(want.args), want.collect,
                 ), (name, key, cost, now, book, token)  # fmt: skip

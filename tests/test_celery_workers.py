@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections import Counter
@@ -21,7 +19,8 @@ import pytest
 import redis
 
 from tests.conftest import REDIS_URL, require, tcp_up
-from tests.fleet import Record, check_paced, read_records, stop_all
+from tests.fleet import Fleet as WorkerFleet
+from tests.fleet import Record, check_paced, read_records
 
 pytestmark = pytest.mark.slow
 HERE = Path(__file__).resolve().parent
@@ -29,6 +28,9 @@ BROKERS = {"amqp": "amqp://guest:guest@127.0.0.1:5672//", "redis": "redis://127.
 
 
 class Fleet:
+    """Celery workers (:class:`tests.fleet.Fleet`) on ``tests/apps/celery_app.py``, with their own queue and
+    key prefix."""
+
     def __init__(self, broker: str, prefix: str, extra_env: dict[str, str]) -> None:
         self.env = {
             **os.environ,
@@ -41,8 +43,7 @@ class Fleet:
             **extra_env,
         }
         self.prefix = prefix
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self.logs: list[Path] = []
+        self.workers = WorkerFleet(self.env, Path(f"/tmp/tg-{prefix}"), tag=prefix)
         self.r = redis.Redis.from_url(REDIS_URL)
         for k, v in self.env.items():
             if k.startswith("TG_"):
@@ -55,28 +56,11 @@ class Fleet:
         self.app_mod.app.control.purge()
 
     def start(self, n: int, concurrency: int) -> None:
-        for i in range(n):
-            log = Path(f"/tmp/tg-{self.prefix}-w{i}.log")
-            self.logs.append(log)
-            self.procs.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "celery", "-A", "tests.apps.celery_app", "worker", "-c", str(concurrency),
-                     "-n", f"w{i}-{self.prefix}@%h", "-l", "info", "--without-heartbeat", "--without-mingle",
-                     "--without-gossip", "-P", "prefork"],
-                    env=self.env, stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=HERE.parent,
-                )
-            )  # fmt: skip
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if all(" ready." in log.read_text(errors="replace") for log in self.logs):
-                return
-            time.sleep(0.2)
-        raise AssertionError(
-            "workers did not become ready:\n" + "\n".join(x.read_text()[-2000:] for x in self.logs)
-        )
+        self.workers.celery("tests.apps.celery_app", "w", n=n, concurrency=concurrency)
+        self.workers.wait_ready(30)
 
     def stop(self) -> None:
-        stop_all(self.procs, 10)
+        self.workers.stop(10)
 
     def records(self, kind: str) -> list[Record]:
         return read_records(self.r, self.prefix, kind)

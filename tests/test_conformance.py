@@ -1,11 +1,17 @@
 """One conformance suite for every door, so their surfaces cannot drift: the direct Redis door on the real
 Redis, the embedded ``memory://`` store, and the gRPC door to a real ``taskgate serve`` subprocess (over the
-real Redis). The service cannot take ``now=``, so this suite runs on the store's clock for every door: long
-periods make the outcomes independent of timing, and the one timed test (lease reclaim) polls.
+real Redis), each on both sides — the sync door and its asyncio twin (driven from this suite's sync code by
+:class:`Blocking`). The service cannot take ``now=``, so this suite runs on the store's clock for every door:
+long periods make the outcomes independent of timing, and the one timed test (lease reclaim) polls.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import contextvars
+import inspect
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -21,6 +27,7 @@ from tests.conftest import require
 
 REDIS_URL = "redis://127.0.0.1:6379/10"
 DOORS = ["memory", "redis", "service"]
+SIDES = ["sync", "async"]
 POLICIES = """
 version: 1
 limiters:
@@ -69,22 +76,98 @@ def server(policy_file: Path) -> Iterator[ServerProcess]:
     _unlink_prefix(prefix)
 
 
-@pytest.fixture(params=DOORS)
+class Blocking:
+    """An asyncio door, or an admission or reservation it returned, driven from sync code: each coroutine it
+    returns runs to its end on the door's event loop, in one context for the whole test (an ``async with``
+    sets and resets ``taskgate.current()`` there: read it with :func:`current`)."""
+
+    def __init__(self, target: Any, runner: Any, ctx: contextvars.Context) -> None:
+        self.target, self._runner, self._ctx = target, runner, ctx
+
+    def run(self, value: Any) -> Any:
+        if inspect.isawaitable(value):
+            value = self._runner.run(value, context=self._ctx)
+        if isinstance(value, taskgate.AsyncAdmission | taskgate.AsyncReservation):
+            return Blocking(value, self._runner, self._ctx)
+        return value
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self.target, name)
+        if not callable(value):
+            return value
+        return lambda *args, **kw: self.run(value(*args, **kw))
+
+    def __enter__(self) -> Any:
+        return self.run(self.target.__aenter__())
+
+    def __exit__(self, *exc: Any) -> None:
+        self.run(self.target.__aexit__(*exc))
+
+    def current(self) -> Any:
+        return self._ctx.run(taskgate.current)
+
+
+def _runner() -> Any:
+    """An event loop that runs coroutines in a given context (``asyncio.Runner``, Python 3.11+)."""
+    if sys.version_info >= (3, 11):
+        return asyncio.Runner()
+    require(
+        False, "asyncio.Runner (Python 3.11+)", "run the suite on Python 3.11 or later"
+    )  # pragma: no cover
+
+
+def unwrap(x: Any) -> Any:
+    return x.target if isinstance(x, Blocking) else x
+
+
+def current(door: Any) -> Any:
+    """``taskgate.current()`` as the door's side sees it."""
+    return door.current() if isinstance(door, Blocking) else taskgate.current()
+
+
+def admission_type(door: Any) -> type:
+    return taskgate.AsyncAdmission if isinstance(door, Blocking) else taskgate.Admission
+
+
+@pytest.fixture(params=[(d, s) for d in DOORS for s in SIDES], ids="-".join)
 def door(request: pytest.FixtureRequest, policy_file: Path) -> Iterator[Any]:
-    """A fresh door of each kind (the sync twins); tests isolate themselves with fresh keys."""
-    if request.param == "memory":
-        b: Any = taskgate.connect(f"memory://{uuid.uuid4().hex}", str(policy_file))
+    """A fresh door of each kind, on each side; tests isolate themselves with fresh keys."""
+    kind, side = request.param
+    with _door(request, policy_file, kind, side) as b:
+        yield b
+
+
+@pytest.fixture(params=DOORS)
+def twins(request: pytest.FixtureRequest, policy_file: Path) -> Iterator[list[Any]]:
+    """Both sides of a door of each kind, for a test that waits on the clock: the sides wait at once."""
+    with (
+        _door(request, policy_file, request.param, "sync") as b,
+        _door(request, policy_file, request.param, "async") as a,
+    ):
+        yield [b, a]
+
+
+@contextlib.contextmanager
+def _door(request: pytest.FixtureRequest, policy_file: Path, kind: str, side: str) -> Iterator[Any]:
+    connect: Any = taskgate.connect if side == "sync" else taskgate.connect_async
+    if kind == "memory":
+        b: Any = connect(f"memory://{uuid.uuid4().hex}", str(policy_file))
         prefix = ""
-    elif request.param == "redis":
+    elif kind == "redis":
         require(_redis_up(), f"Redis at {REDIS_URL}", "start redis-server on 127.0.0.1:6379")
         prefix = f"tgr{uuid.uuid4().hex[:10]}"
-        b = taskgate.connect(REDIS_URL, str(policy_file), prefix=prefix)
+        b = connect(REDIS_URL, str(policy_file), prefix=prefix)
     else:
         srv: ServerProcess = request.getfixturevalue("server")
-        b = taskgate.connect(srv.url, timeout=5.0)
+        b = connect(srv.url, timeout=5.0)
         prefix = ""
-    yield b
-    b.close()
+    if side == "sync":
+        yield b
+        b.close()
+    else:
+        with _runner() as runner:
+            yield Blocking(b, runner, contextvars.copy_context())
+            runner.run(b.aclose())
     if prefix:
         _unlink_prefix(prefix)
 
@@ -196,7 +279,7 @@ def test_reserve_then_settle_refunds(door: Any) -> None:
 def test_admit_release_heartbeat(door: Any) -> None:
     k = fresh()
     a = door.admit("pool", k)
-    assert isinstance(a, taskgate.Admission)
+    assert isinstance(unwrap(a), admission_type(door))
     assert a.allowed
     assert a.held
     assert a.lease_id
@@ -215,29 +298,33 @@ def test_admit_release_heartbeat(door: Any) -> None:
     assert door.release(a.lease_id) is False
     with door.admit("pool", k) as b:
         assert b.allowed
-        assert id(taskgate.current()) == id(b)
+        assert unwrap(current(door)) is unwrap(b)
     assert not b.held
     assert door.admit("pool", k).allowed
 
 
-def test_abandoned_slot_is_reclaimed_after_its_lease(door: Any) -> None:
-    k = fresh()
-    abandoned = door.admit("pool", k)  # never released, never renewed
-    assert abandoned.allowed
-    assert not door.admit("pool", k).allowed
+def test_abandoned_slot_is_reclaimed_after_its_lease(twins: list[Any]) -> None:
+    keys = [fresh() for _ in twins]
+    abandoned = [
+        door.admit("pool", k) for door, k in zip(twins, keys, strict=True)
+    ]  # never released, never renewed
+    assert all(a.allowed for a in abandoned)
+    assert not any(door.admit("pool", k).allowed for door, k in zip(twins, keys, strict=True))
     deadline = time.monotonic() + 5.0
-    while True:
-        again = door.admit("pool", k)
-        if again.allowed:
-            break
+    again: dict[int, Any] = {}
+    while len(again) < len(twins):
+        for i, (door, k) in enumerate(zip(twins, keys, strict=True)):
+            if i not in again and (a := door.admit("pool", k)).allowed:
+                again[i] = a
+                assert int(time.time() * 1000) >= abandoned[i].lease_expires_at - 50
         assert time.monotonic() < deadline, "the abandoned slot was never reclaimed"
         time.sleep(0.1)
-    assert int(time.time() * 1000) >= abandoned.lease_expires_at - 50
-    hb = door.heartbeat([abandoned.lease_id, again.lease_id])
-    assert hb.reclaimed == [abandoned.lease_id]
-    assert hb.live == [again.lease_id]
-    assert door.release(abandoned.lease_id) is False  # a late release frees nothing
-    assert again.release() is True
+    for i, door in enumerate(twins):
+        hb = door.heartbeat([abandoned[i].lease_id, again[i].lease_id])
+        assert hb.reclaimed == [abandoned[i].lease_id]
+        assert hb.live == [again[i].lease_id]
+        assert door.release(abandoned[i].lease_id) is False  # a late release frees nothing
+        assert again[i].release() is True
 
 
 def test_binding_axis_on_a_unified_policy(door: Any) -> None:
@@ -306,12 +393,26 @@ def test_a_key_of_exactly_1_kib_is_fine(door: Any) -> None:
     assert door.check("burst", "é" * 512).allowed  # 1024 bytes in UTF-8
 
 
+@pytest.mark.parametrize("side", SIDES)
 @pytest.mark.parametrize("kind", ["redis", "service"])
-def test_unreachable_store_or_service(kind: str, policy_file: Path) -> None:
+def test_unreachable_store_or_service(kind: str, side: str, policy_file: Path) -> None:
     url = f"redis://127.0.0.1:{free_port()}/10" if kind == "redis" else f"grpc://127.0.0.1:{free_port()}"
-    b: Any = taskgate.connect(url, str(policy_file))
-    try:
-        with pytest.raises(taskgate.BackendUnavailableError, match=f"127.0.0.1:{url.rsplit(':', 1)[1][:4]}"):
-            b.check("burst", "k")
-    finally:
-        b.close()
+    where = f"127.0.0.1:{url.rsplit(':', 1)[1][:4]}"
+    if side == "sync":
+        b: Any = taskgate.connect(url, str(policy_file))
+        try:
+            with pytest.raises(taskgate.BackendUnavailableError, match=where):
+                b.check("burst", "k")
+        finally:
+            b.close()
+        return
+
+    async def go() -> None:
+        a: Any = taskgate.connect_async(url, str(policy_file))
+        try:
+            with pytest.raises(taskgate.BackendUnavailableError, match=where):
+                await a.check("burst", "k")
+        finally:
+            await a.aclose()
+
+    asyncio.run(go())

@@ -31,6 +31,7 @@ POLICIES = {
     "w": {"strategy": "fixedWindow", "limit": 10, "windowMs": 1000},
     "g": {"strategy": "gcra", "limit": 5, "period": "1s"},
     "t": {"tokenBudget": [{"budget": 100, "windowMs": 1000}, {"budget": 150, "windowMs": 10000}]},
+    "f": {"strategy": "fixedWindow", "limit": 100, "windowMs": 1000},
 }
 NOW = 5_000_250  # 250 ms into the window [5,000,000, 5,001,000)
 
@@ -70,6 +71,59 @@ def test_a_token_lease_takes_the_least_any_budget_has_left(connect: Any) -> None
         (50, 5_002_000, 100, 0),
         (0, 5_010_000, 150, 9_000),
     ]
+
+
+def test_tenants_split_a_window_by_weight(connect: Any) -> None:
+    """Under contention the tenants leasing one window split it by weight (3:1), each up to its share
+    whatever the order; never more than the window in all; checks' spend is shared out the same way."""
+    b: taskgate.RedisBackend = connect(POLICIES)
+
+    def lease(tenant: str, wants: int, now: int = NOW) -> int:
+        return b.lease_window(
+            "f", "", wants, now=now, tenant=tenant, weight=3 if tenant == "a" else 1
+        ).granted
+
+    assert lease("a", 10) == 10  # alone: whatever it asks
+    got = {"a": 10, "b": 0}
+    for _ in range(12):
+        for t in ("b", "a"):
+            got[t] += lease(t, 10)
+    assert got == {"a": 75, "b": 25}
+    assert lease("a", 10) == lease("b", 10) == 0
+    # the next window: the same split from the first lease on (both were active in the last window_ms)
+    nxt = NOW + 750
+    assert [lease("a", 100, nxt), lease("b", 100, nxt), lease("a", 100, nxt)] == [75, 25, 0]
+    # on a key checks spend too: the tenants share what the checks leave, by weight
+    assert b.check("f", "k", 20, now=NOW).allowed
+    got = {"a": 0, "b": 0}
+    for _ in range(10):
+        for t in ("a", "b"):
+            got[t] += b.lease_window("f", "k", 10, now=NOW, tenant=t, weight=3 if t == "a" else 1).granted
+    assert got == {"a": 60, "b": 20}
+    # a tenant idle for a window is forgotten: the other takes the whole window (work-conserving)
+    much_later = NOW + 3750
+    assert lease("a", 100, much_later) == 100
+    assert lease("b", 1, much_later) == 0  # nothing left: a tenant alone took it all
+
+
+def test_a_late_tenant_shares_what_is_left_by_what_each_is_owed(connect: Any) -> None:
+    b: taskgate.RedisBackend = connect(POLICIES)
+
+    def lease(tenant: str, wants: int, weight: float = 1) -> int:
+        return b.lease_window("f", "", wants, now=NOW, tenant=tenant, weight=weight).granted
+
+    assert lease("c", 1) == 1  # active: c, then a, each owed half of the window
+    assert lease("a", 100) == 50  # a takes its half (b is not active yet)
+    # b arrives late: a third each, but a has taken more than its third. What is left (49) is shared in
+    # proportion to what b (33.3) and c (32.3) are still owed
+    assert lease("b", 100) == 25
+    assert lease("c", 100) == 20
+    got = [lease(t, 100) for t in "bcbcab"]
+    assert got == [2, 2, 0, 0, 0, 0]  # all 100 granted, none beyond
+    with pytest.raises(ValueError, match="weight"):
+        lease("d", 1, weight=0)
+    with pytest.raises(ValueError, match="tenants"):
+        b.lease_window("t", "", 1, axis="tokens", now=NOW, tenant="a")
 
 
 def test_only_fixed_windows_lease(connect: Any) -> None:
@@ -123,7 +177,7 @@ def test_the_fleet_answers_loopback_peers_only_without_a_secret() -> None:
 
 def tk_client(spec: dict[str, Any]) -> dict[str, Any]:
     out = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "tk_fleet_client.py"), json.dumps(spec)],
+        [sys.executable, str(ROOT / "tests" / "tk_fleet_client.py"), "clients", json.dumps(spec)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -142,6 +196,8 @@ def cfg(tmp_path: Path) -> Path:
         f"  window: {{strategy: fixedWindow, limit: 50, windowMs: {WINDOW_MS}}}\n"
         "  paced: {strategy: gcra, limit: 5, period: 1s}\n"
         f"  tokens: {{tokenBudget: {{budget: 1000, windowMs: {WINDOW_MS}}}}}\n"
+        f"  shared: {{strategy: fixedWindow, limit: 50, windowMs: {WINDOW_MS},\n"
+        "           fairness: {weights: {a: 3, b: 3}, defaultWeight: 1}}\n"
     )
     return path
 
@@ -232,6 +288,35 @@ def test_a_fresh_domain_gets_a_partial_grant(
     assert lease["expiry_ms"] % WINDOW_MS == 0
     assert lease["expiry_ms"] > now - 5000
     assert 0 < lease["refresh_interval_ms"] <= WINDOW_MS
+
+
+def test_throttlekit_clients_of_three_tenants_split_the_window_by_weight(
+    served: ServerProcess, redis_url: str, prefix: str, cfg: Path
+) -> None:
+    """A policy with ``fairness:``: the domains are tenants of one window, split 3:1:1 by the policy file's
+    weights and the store's (b's 3 is set to 1 at runtime); throttlekit-py's own LeasedLimiters, one
+    thread each, all greedy."""
+    with taskgate.connect(redis_url, cfg, prefix=prefix) as b:
+        assert isinstance(b, taskgate.RedisBackend)
+        taskgate.set_weight(b, "shared", "b", 1)
+    spec = {
+        "target": served.target,
+        "policy": "shared",
+        "domains": ["a", "b", "c"],
+        "batch": 4,
+        "requests": 40,
+        "probes": [{"policy": "shared", "domain": t, "wants": 1} for t in "abc"],
+        "probes_first": True,  # every tenant active before the clients start: their order does not matter
+    }
+    r = tk_client(spec)
+    assert [p["capacity"] for p in r["probes"]] == [1, 1, 1]
+    allowed = {int(k): v for k, v in r["allowed"].items()}
+    assert sum(allowed.values()) <= 50 - 3
+    if len(allowed) == 1:  # one window (the run crosses one only at the hour)
+        # shares of 50: 30, 10, 10, less the unit each probe leased and nobody spent
+        assert r["allowed_by_domain"] == {"a": 29, "b": 9, "c": 9}, r
+        assert len(r["denied"]) == 3 * 40 - 47
+        assert {d["limit"] for d in r["denied"]} == {50}
 
 
 def test_a_secret_opens_the_fleet_as_x_fleet_secret(

@@ -7,7 +7,6 @@ from __future__ import annotations
 import importlib
 import os
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -17,7 +16,7 @@ from typing import Any
 import pytest
 import redis
 
-from tests.fleet import read_records, stop_all
+from tests.fleet import Fleet, delete_queues, max_in_window, read_records
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis, pytest.mark.rabbitmq]
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,35 +42,17 @@ class Room:
 
         self.app = importlib.reload(mod)
         self.rec = redis.Redis.from_url(redis_url)
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self.logs: list[Path] = []
+        self.workers = Fleet(self.env, ROOT / "integration" / "logs")
+        self.procs, self.logs = self.workers.procs, self.workers.logs
 
     def start(self, concurrency: int = 8, pool: str = "threads") -> None:
-        log = ROOT / "integration" / "logs" / f"{self.prefix}-{len(self.procs)}.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
-        self.logs.append(log)
-        self.procs.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "celery", "-A", "tests.apps.room_app", "worker", "-P", pool,
-                 "-c", str(concurrency), "-n", f"{self.prefix}-{len(self.procs)}@%h", "-l", "info",
-                 "--without-heartbeat", "--without-mingle", "--without-gossip"],
-                env=self.env, cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
-            )
-        )  # fmt: skip
-        deadline = time.monotonic() + 60
-        while " ready." not in log.read_text(errors="replace"):
-            assert self.procs[-1].poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, "the worker did not start:\n" + log.read_text()[-3000:]
-            time.sleep(0.2)
+        name = f"{self.prefix}-{len(self.procs)}"
+        self.workers.celery("tests.apps.room_app", name, concurrency=concurrency, pool=pool)
+        self.workers.wait_ready(60)
 
     def stop(self) -> None:
-        stop_all(self.procs, 20, groups=True)
-        with self.app.app.connection_for_write() as conn:
-            for q in (self.env["TG_QUEUE"], self.env["TG_QUEUE"] + ".taskgate"):
-                try:
-                    conn.default_channel.queue_delete(q)
-                except Exception as e:
-                    print(f"queue {q} not deleted: {e}")
+        self.workers.stop(20)
+        delete_queues(self.app.app, self.env["TG_QUEUE"])
         for k in self.rec.scan_iter(match=f"{self.prefix}:*", count=1000):
             self.rec.unlink(k)
 
@@ -106,16 +87,6 @@ def room(amqp_url: str, redis_url: str) -> Iterator[Any]:
         r.stop()
 
 
-def most_in(times: list[float], width: float = 1.0) -> int:
-    s = sorted(times)
-    best = j = 0
-    for i in range(len(s)):
-        while s[i] - s[j] >= width:
-            j += 1
-        best = max(best, i - j + 1)
-    return best
-
-
 def test_a_backlog_drains_at_the_limit_once_each(room: Any) -> None:
     r = room(TG_RATE="20")
     r.start()
@@ -131,7 +102,7 @@ def test_a_backlog_drains_at_the_limit_once_each(room: Any) -> None:
     # the engine paced them: 299 slots of 50 ms after the first (the bench holds this to 2%)
     assert times[-1] - times[0] >= 299 / 20 * 0.98
     assert times[-1] - t0 <= 299 / 20 * 1.3 + 5
-    assert most_in(times) <= 20 + 5  # a worker starved of CPU starts late, never early
+    assert max_in_window(times) <= 20 + 5  # a worker starved of CPU starts late, never early
     counts = r.room_counts()
     assert counts["nsp"] >= 250  # parked when sent: never queued on the broker
     assert counts["npr"] == counts["np"]  # every parked task promoted once...

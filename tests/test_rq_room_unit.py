@@ -19,7 +19,7 @@ import taskgate
 import taskgate.rq
 from taskgate.integrations.rq import worker as tgworker
 from tests.apps import rq_room_jobs as jobs
-from tests.test_room_workers import most_in
+from tests.fleet import max_in_window
 
 POLICIES: dict[str, Any] = {
     "held": {"concurrency": {"maxLimit": 1, "leaseTtl": "10s"}, "deferral": {"park": "always"}},
@@ -157,7 +157,7 @@ def test_the_promoter_thread_drains_a_room_at_its_rate(monkeypatch: pytest.Monke
     assert [int(r[3]) for r in got] == list(range(12))
     times = [float(r[1]) for r in got]
     assert times[-1] - times[0] >= 11 * 0.1 * 0.9  # paced (a start may be late, never early)
-    assert most_in(times, 0.5) <= 5 + 2
+    assert max_in_window(times, 0.5) <= 5 + 2
     assert {j.get_status(refresh=True) for j in batch} == {JobStatus.FINISHED}
     env.backend.close()
 

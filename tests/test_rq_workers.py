@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections import Counter
@@ -26,7 +24,8 @@ from rq.job import Job, JobStatus
 import taskgate
 from tests.apps import rq_jobs as jobs
 from tests.conftest import REDIS_URL, redis_up, require
-from tests.fleet import Record, check_paced, read_records, stop_all
+from tests.fleet import Fleet as WorkerFleet
+from tests.fleet import Record, check_paced, read_records
 
 pytestmark = pytest.mark.slow
 HERE = Path(__file__).resolve().parent
@@ -46,42 +45,22 @@ class Fleet:
             "PYTHONPATH": str(HERE.parent),
             **extra_env,
         }
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self.logs: list[Path] = []
+        self.workers = WorkerFleet(self.env, Path(f"/tmp/tg-{self.prefix}"), tag=self.prefix)
+        self.procs, self.logs = self.workers.procs, self.workers.logs
         self.r = redis.Redis.from_url(RQ_URL)
         self.q = Queue(self.prefix, connection=self.r)
         self.enqueued: list[Job] = []
 
     def spawn(self, *, scheduler: bool = True, worker: str | None = None) -> Path:
-        log = Path(f"/tmp/tg-{self.prefix}-w{len(self.logs)}.log")
-        self.logs.append(log)
-        cmd = [sys.executable, "-m", "rq.cli", "worker", self.prefix, "--url", RQ_URL, "--worker-class", worker or self.worker,
-               "--job-class", "taskgate.rq.Job", "-n", f"{self.prefix}-w{len(self.logs)}"]  # fmt: skip
-        if scheduler:
-            cmd.append("--with-scheduler")
-        self.procs.append(
-            subprocess.Popen(
-                cmd,
-                env=self.env,
-                stdout=log.open("wb"),
-                stderr=subprocess.STDOUT,
-                cwd=HERE.parent,
-                start_new_session=True,  # its own process group, reaped by stop()
-            )
-        )
-        return log
+        """One more worker (not waited for); its log."""
+        name = f"w{len(self.procs)}"
+        self.workers.rq(self.prefix, RQ_URL, name, worker_class=worker or self.worker, scheduler=scheduler)
+        return self.logs[-1]
 
     def start(self, n: int) -> None:
         for _ in range(n):
             self.spawn()
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if all("Listening on" in log.read_text(errors="replace") for log in self.logs):
-                return
-            if any(p.poll() is not None for p in self.procs):
-                break
-            time.sleep(0.1)
-        raise AssertionError("workers did not start:\n" + "\n".join(x.read_text()[-2000:] for x in self.logs))
+        self.workers.wait_ready(30)
 
     def enqueue(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> Job:
         job = self.q.enqueue(f, *args, **kwargs)
@@ -98,7 +77,7 @@ class Fleet:
         return read_records(self.r, self.prefix, kind)
 
     def stop(self) -> None:
-        stop_all(self.procs, 15, groups=True)
+        self.workers.stop(15)
 
     def cleanup(self) -> None:
         for db in (self.r, redis.Redis.from_url(REDIS_URL)):

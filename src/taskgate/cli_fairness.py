@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import argparse
 
-from taskgate.cli import Command, _backend, _fail, _store_args, register
+from taskgate.cli_base import Command, direct_door, fail, register, store_args
 
 __all__: list[str] = []
 
 
 def _configure(p: argparse.ArgumentParser) -> None:
-    _store_args(p)
+    store_args(p)
     sub = p.add_subparsers(dest="fairness_command", metavar="COMMAND", required=True)
     put = sub.add_parser("set", help="store the weight of a fair key (in force within a second)")
     unset = sub.add_parser("unset", help="remove a stored weight (the policy file's applies again)")
@@ -34,7 +34,7 @@ def _run(args: argparse.Namespace) -> int:
     from taskgate.backends.fairness import clear_weight, set_weight, weights_in_force
     from taskgate.errors import TaskgateError
 
-    b = _backend("fairness", args)
+    b = direct_door("fairness", args)
     if isinstance(b, int):
         return b
     try:
@@ -56,7 +56,7 @@ def _run(args: argparse.Namespace) -> int:
                 print(f"{k:<30} {w:>8g}  {where}")
         return 0
     except (TaskgateError, ValueError) as e:
-        return _fail("fairness", e)
+        return fail("fairness", e)
     finally:
         b.close()
 

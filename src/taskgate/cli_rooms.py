@@ -13,13 +13,13 @@ import argparse
 import sys
 import time
 
-from taskgate.cli import Command, _backend, _fail, _store_args, register
+from taskgate.cli_base import Command, direct_door, fail, register, store_args
 
 __all__: list[str] = []
 
 
 def _configure(p: argparse.ArgumentParser) -> None:
-    _store_args(p)
+    store_args(p)
     sub = p.add_subparsers(dest="rooms_command", metavar="COMMAND", required=True)
     sub.add_parser("list", help="every room with work: policy, key, waiting, on the way, oldest wait")
     show = sub.add_parser("show", help="how many tasks wait in one room, and the ids of the first")
@@ -35,7 +35,7 @@ def _run(args: argparse.Namespace) -> int:
     from taskgate.backends.waiting import WaitingRoom
     from taskgate.errors import PolicyNotFoundError
 
-    b = _backend("rooms", args)
+    b = direct_door("rooms", args)
     if isinstance(b, int):
         return b
     room = WaitingRoom(b)
@@ -64,7 +64,7 @@ def _run(args: argparse.Namespace) -> int:
         what = f"the {s.depth} task(s) waiting in the room of policy {args.policy!r}, key {args.key!r}"
         if not args.yes:
             if not sys.stdin.isatty():
-                return _fail("rooms", f"purge would remove {what}: confirm with --yes")
+                return fail("rooms", f"purge would remove {what}: confirm with --yes")
             answer = input(f"Remove {what}? They will never run. [y/N] ")
             if answer.strip().lower() not in ("y", "yes"):
                 print("nothing removed")
@@ -72,7 +72,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"removed {room.purge(args.policy, args.key)} task(s)")
         return 0
     except PolicyNotFoundError as e:
-        return _fail("rooms", e)
+        return fail("rooms", e)
     finally:
         b.close()
 

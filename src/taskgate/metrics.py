@@ -27,11 +27,17 @@ by ``policy``:
 ``taskgate_waiting``                  gauge   tasks waiting in the engine's waiting rooms
 ``taskgate_waiting_oldest_seconds``   gauge   how long the oldest of them has waited
 ``taskgate_wait_seconds``             histo   wait of the tasks claimed, parked to claimed (``_bucket``, ...)
+``taskgate_fair_start_share``         gauge   ``fair_key``: its share of the policy's starts, last minute
+``taskgate_fair_weight_share``        gauge   ``fair_key``: its weight's share among the fair keys active
+``taskgate_fair_starts``              gauge   ``fair_key``: its starts over the last minute
+``taskgate_fair_waiting``             gauge   ``fair_key``: its tasks waiting in the rooms
 ===================================== ======= ==============================================================
 
 Counters restart from 0 when a policy's counters expire (idle for a day) or the store is flushed, which
-Prometheus' ``rate()`` handles as a counter reset. Keys are never labels: they can be personal data and their
-number is unbounded; ``taskgate top`` and the Monitor door show the top keys.
+Prometheus' ``rate()`` handles as a counter reset. Limit keys are never labels: they can be personal data and
+their number is unbounded; ``taskgate top`` and the Monitor door show the top keys. Fair keys (tenants) are,
+bounded: per policy the ``fair_top`` (10) with the most starts over the last minute, the rest summed as
+``fair_key="other"`` (``"(none)"``: work without a fair key); ``fair_top=0`` labels none of them.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from taskgate.stats import Snapshot
+from taskgate.waiting_view import FAIR_TOP
 from taskgate.waiting_view import families as waiting_families
 
 __all__ = ["TaskgateCollector", "parse_listen", "serve", "start_exporter"]
@@ -159,9 +166,12 @@ def serve(collector: Collector, listen: str) -> tuple[Any, int]:
     return server, int(server.server_port)
 
 
-def start_exporter(url: str, policies: Any, prefix: str, listen: str) -> tuple[Any, int]:
+def start_exporter(
+    url: str, policies: Any, prefix: str, listen: str, *, fair_top: int = FAIR_TOP
+) -> tuple[Any, int]:
     """An exporter of the counters of ``policies`` in the store at ``url`` (redis://, rediss://, unix://,
-    redis+cluster://, memory://), served on ``listen``: (server, bound port)."""
+    redis+cluster://, memory://), served on ``listen``: (server, bound port). ``fair_top``: fair keys
+    labelled per policy (the rest: ``other``)."""
     from taskgate.backends import connect
     from taskgate.backends.redis import RedisBackend
     from taskgate.stats import read_snapshot
@@ -175,6 +185,6 @@ def start_exporter(url: str, policies: Any, prefix: str, listen: str) -> tuple[A
 
     def read() -> Snapshot:
         snap = read_snapshot(backend.client, backend.policies, backend.prefix)
-        return dataclasses.replace(snap, waiting=read_waiting(backend))
+        return dataclasses.replace(snap, waiting=read_waiting(backend, snap.generated_at, fair_top))
 
     return serve(TaskgateCollector(read), listen)

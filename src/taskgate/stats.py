@@ -210,7 +210,7 @@ class Snapshot:
             rate_s=d["rate_s"],
             prefix=d["prefix"],
             policies=tuple(_policy_from(p) for p in d["policies"]),
-            waiting=tuple(WaitingView(**w) for w in d.get("waiting", ())),
+            waiting=tuple(WaitingView.from_dict(w) for w in d.get("waiting", ())),
         )
 
 

@@ -10,7 +10,9 @@
 Per policy: admitted, denied and booked per second (over the last ``--rate`` seconds), the binding axis (the
 one that denied most), slots in flight against the limit, the estimated wait handed to deferred work (the mean
 ``retry_after`` of recent denials) and the totals; per policy the top throttled keys and spenders, with each
-key's token budget as a bar. The view refreshes in place until Ctrl-C.
+key's token budget as a bar; the waiting rooms (waiting, on the way, oldest and mean wait) and, per policy
+whose tasks have a fair key, its top fair keys: their share of the starts over the last minute against their
+weight's share, and their tasks waiting. The view refreshes in place until Ctrl-C.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from rich.table import Table
 from rich.text import Text
 
 from taskgate.stats import KeyView, PolicyView, Snapshot
+from taskgate.waiting_view import WaitingView
 
 __all__ = ["GrpcSource", "RedisSource", "Source", "render", "run"]
 
@@ -61,7 +64,7 @@ class RedisSource:
 
         b = self._b
         snap = read_snapshot(b.client, b.policies, b.prefix, rate_s=self.rate_s, top=self.top)
-        return dataclasses.replace(snap, waiting=read_waiting(b))
+        return dataclasses.replace(snap, waiting=read_waiting(b, snap.generated_at))
 
     def close(self) -> None:
         self._b.client.close()
@@ -87,13 +90,13 @@ class GrpcSource:
         import grpc
 
         from taskgate._proto import throttlekit_pb2_grpc as pbg
-        from taskgate.backends.service import _pem, parse_target
+        from taskgate.backends.service import parse_target, read_pem
 
         secure = False
         if target.startswith(("grpc://", "grpcs://")):
             target, secure = parse_target(target)
-        root = _pem(root_certificates, "root_certificates")
-        chain, key = _pem(certificate_chain, "certificate_chain"), _pem(private_key, "private_key")
+        root = read_pem(root_certificates, "root_certificates")
+        chain, key = read_pem(certificate_chain, "certificate_chain"), read_pem(private_key, "private_key")
         if (chain is None) != (key is None):
             raise ValueError(
                 "a client certificate and its key go together (mutual TLS): give both or neither"
@@ -306,6 +309,21 @@ def _waiting(snap: Snapshot) -> Table:
     return t
 
 
+def _fair(w: WaitingView) -> Table:
+    """The top fair keys of one policy: share of the starts (last minute) against the weight's share."""
+    t = _table(f"fair share: {w.policy}")
+    for col in ("fair key", "starts/min", "share", "weight", "weight share", "waiting"):
+        t.add_column(col, justify="left" if col == "fair key" else "right", no_wrap=True)
+    for f in w.fair:
+        gap = f.start_share - f.weight_share
+        style = "yellow" if f.waiting and gap < -0.1 else ""  # backlogged yet well under its share
+        t.add_row(
+            f.fair_key, f"{f.starts:,.0f}", Text(f"{f.start_share:.0%}", style=style),
+            f"{f.weight:g}" if f.weight else "-", f"{f.weight_share:.0%}", f"{f.waiting:,}",
+        )  # fmt: skip
+    return t
+
+
 def _provider_cell(p: PolicyView, k: KeyView, now: int) -> Text:
     """What the provider says about the key: a hold, and its reported pace against the configured limit."""
     parts = []
@@ -329,6 +347,7 @@ def render(snap: Snapshot, source: str = "", *, unicode: bool = True) -> Rendera
     parts: list[RenderableType] = [head, _policies(snap), _totals(snap)]
     if snap.waiting:
         parts.append(_waiting(snap))
+        parts += [_fair(w) for w in snap.waiting if w.fair]
     parts += [_keys(p, snap.generated_at, unicode) for p in snap.policies if p.keys]
     return Group(*parts)
 

@@ -3,7 +3,8 @@ waiting room (``deferral.park: always``). Configured by environment, read at imp
 imports it through its worker class):
 
 TG_STORE (taskgate store URL; default ``memory://``), TG_PREFIX (key prefix of this run, for the store and the
-records), TG_RATE (the gcra limit per second of ``paced``), TG_CONC (the concurrency limit of ``held``).
+records), TG_RATE (the gcra limit per second of ``paced`` and ``shared``), TG_CONC (the concurrency limit of
+``held``). ``shared``: one limit for every tenant (no key), shared out by ``fair_key`` (acme weight 3).
 Executions are recorded in the job's own RQ Redis (``<prefix>:<kind>`` lists of ``ident|time|pid|extra``).
 """
 
@@ -34,6 +35,7 @@ POLICIES: dict[str, Any] = {
         "deferral": {"park": "always"},
     },
 }
+POLICIES["shared"] = {**POLICIES["paced"], "fairness": {"weights": {"acme": 3}, "defaultWeight": 1}}
 
 if os.environ.get("TG_STORE"):
     taskgate.rq.configure(
@@ -52,6 +54,21 @@ def record(kind: str, extra: str = "") -> None:
 def paced(n: int) -> int:
     record("start", str(n))
     return n
+
+
+@taskgate.rq.throttled("shared", fair_key="tenant")
+def fair(tenant: str, n: int) -> int:
+    record("start", tenant)
+    return n
+
+
+def tenant_of(tenant: str) -> str:
+    raise LookupError(f"no tenant {tenant!r}")
+
+
+@taskgate.rq.throttled("shared", fair_key=tenant_of)
+def fair_broken(tenant: str) -> None:
+    record("start", "broken")
 
 
 @taskgate.rq.throttled("held")

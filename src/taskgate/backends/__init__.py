@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from taskgate.backends.redis import AsyncRedisBackend, RedisBackend, redact
 from taskgate.policy import PolicySource, load_policies
@@ -58,6 +58,44 @@ def _unknown(url: str) -> ValueError:
     )
 
 
+def _open(url: str | None, policies: PolicySource, prefix: str, options: dict[str, Any], aio: bool) -> Any:
+    """The door for ``url`` on one side (``aio``: the asyncio twin); :func:`connect` says what it takes."""
+    url, pols = _resolve(url, policies)
+    if url.startswith(_GRPC):
+        service = _service()
+        door: Any = service.AsyncServiceBackend if aio else service.ServiceBackend
+        return door.from_url(url, policies=pols, **options)
+    redis_door: Any = AsyncRedisBackend if aio else RedisBackend
+    if url.startswith("memory://"):
+        from taskgate.backends import memory
+
+        client = memory.async_client(url) if aio else memory.sync_client(url)
+        return redis_door(client, pols, prefix=prefix, url=url)
+    if not url.startswith(_CLUSTER + _REDIS):
+        raise _unknown(url)
+    options.setdefault("socket_timeout", 5.0)
+    options.setdefault("socket_connect_timeout", 5.0)
+    if aio:
+        import redis.asyncio.cluster
+
+        redis_client: Any = redis.asyncio.Redis
+        cluster_client: Any = redis.asyncio.cluster.RedisCluster
+    else:
+        import redis.cluster
+
+        redis_client, cluster_client = redis.Redis, redis.cluster.RedisCluster
+    if url.startswith(_CLUSTER):
+        from taskgate.backends import cluster
+
+        door = cluster.AsyncClusterRedisBackend if aio else cluster.ClusterRedisBackend
+        return door(
+            cluster_client.from_url(cluster.cluster_url(url), **options), pols, prefix=prefix, url=url
+        )
+    if not aio:
+        options.setdefault("health_check_interval", 30)
+    return redis_door(redis_client.from_url(url, **options), pols, prefix=prefix, url=url)
+
+
 def connect(
     url: str | None = None, policies: PolicySource = None, *, prefix: str = "taskgate", **options: Any
 ) -> RedisBackend | ServiceBackend:
@@ -68,60 +106,11 @@ def connect(
     ``grpc://``/``grpcs://`` to :class:`~taskgate.ServiceBackend` (``timeout``, ``secret``, ``fail`` ...;
     the server applies its own key prefix and policies, the local ones are only a fallback).
     """
-    url, pols = _resolve(url, policies)
-    if url.startswith(_GRPC):
-        from taskgate.backends.service import ServiceBackend
-
-        return ServiceBackend.from_url(url, policies=pols, **options)
-    if url.startswith("memory://"):
-        from taskgate.backends import memory
-
-        return RedisBackend(memory.sync_client(url), pols, prefix=prefix, url=url)
-    if url.startswith(_CLUSTER):
-        import redis.cluster
-
-        from taskgate.backends.cluster import ClusterRedisBackend, cluster_url
-
-        options.setdefault("socket_timeout", 5.0)
-        options.setdefault("socket_connect_timeout", 5.0)
-        client = redis.cluster.RedisCluster.from_url(cluster_url(url), **options)
-        return ClusterRedisBackend(client, pols, prefix=prefix, url=url)  # type: ignore[arg-type]
-    if url.startswith(_REDIS):
-        import redis
-
-        options.setdefault("socket_timeout", 5.0)
-        options.setdefault("socket_connect_timeout", 5.0)
-        options.setdefault("health_check_interval", 30)
-        return RedisBackend(redis.Redis.from_url(url, **options), pols, prefix=prefix, url=url)
-    raise _unknown(url)
+    return cast("RedisBackend | ServiceBackend", _open(url, policies, prefix, options, aio=False))
 
 
 def connect_async(
     url: str | None = None, policies: PolicySource = None, *, prefix: str = "taskgate", **options: Any
 ) -> AsyncRedisBackend | AsyncServiceBackend:
     """The asyncio twin of :func:`connect` (same URLs, same surface, awaited)."""
-    url, pols = _resolve(url, policies)
-    if url.startswith(_GRPC):
-        from taskgate.backends.service import AsyncServiceBackend
-
-        return AsyncServiceBackend.from_url(url, policies=pols, **options)
-    if url.startswith("memory://"):
-        from taskgate.backends import memory
-
-        return AsyncRedisBackend(memory.async_client(url), pols, prefix=prefix, url=url)
-    if url.startswith(_CLUSTER):
-        import redis.asyncio.cluster
-
-        from taskgate.backends.cluster import AsyncClusterRedisBackend, cluster_url
-
-        options.setdefault("socket_timeout", 5.0)
-        options.setdefault("socket_connect_timeout", 5.0)
-        aclient = redis.asyncio.cluster.RedisCluster.from_url(cluster_url(url), **options)
-        return AsyncClusterRedisBackend(aclient, pols, prefix=prefix, url=url)  # type: ignore[arg-type]
-    if url.startswith(_REDIS):
-        import redis.asyncio
-
-        options.setdefault("socket_timeout", 5.0)
-        options.setdefault("socket_connect_timeout", 5.0)
-        return AsyncRedisBackend(redis.asyncio.Redis.from_url(url, **options), pols, prefix=prefix, url=url)
-    raise _unknown(url)
+    return cast("AsyncRedisBackend | AsyncServiceBackend", _open(url, policies, prefix, options, aio=True))

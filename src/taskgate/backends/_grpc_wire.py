@@ -12,9 +12,9 @@ import yaml
 from taskgate._proto import throttlekit_pb2 as pb
 from taskgate.engine.plan import MAX_MANY
 from taskgate.policy import Policies, parse_policy
-from taskgate.types import AdmitReply, Decision, Forecast, HeartbeatReply, LeaseRef, Settlement
+from taskgate.types import AdmitReply, Decision, Forecast, HeartbeatReply, LeaseRef, ReserveReply, Settlement
 
-__all__ = ["Call", "Calls", "Reserved", "check_int", "decode_decision", "decode_policies", "merge_heartbeats"]
+__all__ = ["Call", "Calls", "check_int", "decode_decision", "decode_policies", "merge_heartbeats"]
 
 T = TypeVar("T")
 _NOW = "now= cannot travel over the gRPC door: the service decides with its store's clock (use a direct door)"
@@ -66,13 +66,6 @@ def _same(d: Decision) -> Decision:
 
 def decode_policies(r: Any) -> Policies:
     return Policies({i.name: parse_policy(i.name, yaml.safe_load(i.yaml)) for i in r.policies})
-
-
-@dataclass(frozen=True, slots=True)
-class Reserved:
-    decision: Decision
-    reservation_id: str
-    expires_at: int
 
 
 class Calls:
@@ -186,14 +179,14 @@ class Calls:
         return [Call("Heartbeat", pb.HeartbeatRequest(lease_ids=c), decode, idempotent=True) for c in chunks]
 
     @staticmethod
-    def reserve(policy: str, key: str, tokens: int, now: int | None) -> Call[Reserved]:
+    def reserve(policy: str, key: str, tokens: int, now: int | None) -> Call[ReserveReply]:
         _no_now(now)
         req = pb.ReserveTokensRequest(
             policy=_text(policy, "policy"), key=_text(key, "key"), tokens=check_int(tokens, "tokens")
         )
 
-        def decode(r: Any) -> Reserved:
-            return Reserved(decode_decision(r.decision), r.reservation_id, r.expires_at)
+        def decode(r: Any) -> ReserveReply:
+            return ReserveReply(decode_decision(r.decision), r.reservation_id, r.expires_at)
 
         return Call("Reserve", req, decode, policy)
 

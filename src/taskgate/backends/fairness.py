@@ -11,6 +11,11 @@ waiting fair keys' weights)`` of what the policy admits. A weight comes from, fi
 The weights hash is in the slot of ``{P}`` and a room in the slot of its ``{P:K}``, so no script reads both:
 the caller reads the weights (:class:`Weights`, cached at most :data:`WEIGHT_CACHE_S` per process, so a change
 is in force fleet-wide within a second) and passes the task's weight to the room's script in ARGV.
+
+What each fair key got: the room's scripts count its grants (admitted on arrival or promoted: its *starts*)
+per fair key in two windows of :data:`STARTS_WINDOW_MS` kept in the room's own slot (``room.lua``'s s and o:
+at most 1,000 fair keys each, the rest counted together, both expiring two windows after the last grant);
+:func:`read_fair` reads them, with the tasks waiting per fair key, for ``taskgate top`` and the exporter.
 """
 
 from __future__ import annotations
@@ -19,25 +24,34 @@ import contextlib
 import math
 import threading
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from taskgate.backends.redis import _UNAVAILABLE, RedisBackend
-from taskgate.engine.keys import weights_key
+from taskgate.backends._redis_base import UNAVAILABLE as _UNAVAILABLE
+from taskgate.backends.redis import RedisBackend
+from taskgate.engine.keys import keyset, weights_key
 from taskgate.engine.plan import text as _s
 from taskgate.logs import key_text, log
 from taskgate.policy import Policy
 
 __all__ = [
+    "OTHER",
+    "STARTS_WINDOW_MS",
     "WEIGHT_CACHE_S",
+    "FairStarts",
     "Weights",
     "check_weight",
     "clear_weight",
+    "read_fair",
     "set_weight",
     "stored_weights",
     "weights_in_force",
 ]
 
 WEIGHT_CACHE_S = 1.0
+STARTS_WINDOW_MS = 60_000  # as room.lua's ROOM_STARTS_MS
+OTHER = "\x1fother"  # the starts of the fair keys past a window's first 1,000 (no fair key holds a \x1f)
 
 
 def check_weight(weight: object, *, policy: str = "?", fair_key: str = "?") -> float:
@@ -135,3 +149,77 @@ class Weights:
         out = dict(policy.fairness.weights)
         out.update({k: w for k, w in self._stored(policy).items() if w > 0})
         return policy.fairness.default_weight, out
+
+
+@dataclass(frozen=True, slots=True)
+class FairStarts:
+    """One room's starts per fair key (``""``: work without one; :data:`OTHER`: the fair keys past a window's
+    first 1,000) in its current window (from ``window_start``, epoch-ms) and the one before, and its tasks
+    waiting per fair key."""
+
+    policy: str
+    key: str
+    window_start: int  # 0: no start in the last two windows
+    current: dict[str, int]
+    previous: dict[str, int]
+    waiting: dict[str, int]
+
+    def recent(self, now_ms: int) -> dict[str, float]:
+        """Starts per fair key over the last :data:`STARTS_WINDOW_MS` (a sliding estimate: the window before
+        counts for the part of it still inside), as of ``now_ms`` (the store's clock)."""
+        if not self.window_start:
+            return {}
+        age = now_ms - self.window_start
+        if age >= 2 * STARTS_WINDOW_MS:
+            return {}
+        if age >= STARTS_WINDOW_MS:  # nothing started in the current window yet: it is the one before
+            cur, prev, age = {}, self.current, age - STARTS_WINDOW_MS
+        else:
+            cur, prev = self.current, self.previous
+        part = max(0.0, 1.0 - max(0, age) / STARTS_WINDOW_MS)
+        out = {k: float(v) for k, v in cur.items()}
+        for k, v in prev.items():
+            out[k] = out.get(k, 0.0) + v * part
+        return out
+
+    def total(self) -> dict[str, int]:
+        """Starts per fair key in both windows (an exact count over a run shorter than one window)."""
+        out = dict(self.previous)
+        for k, v in self.current.items():
+            out[k] = out.get(k, 0) + v
+        return out
+
+
+def _counts(raw: Any) -> tuple[int, dict[str, int]]:
+    start, out = 0, {}
+    for k, v in (raw or {}).items():
+        name = _s(k)
+        if name == "w":
+            start = int(v)
+        elif name == "x":
+            out[OTHER] = int(v)
+        elif name.startswith("k:"):
+            out[name[2:]] = int(v)
+    return start, out
+
+
+def read_fair(backend: RedisBackend, rooms: Sequence[tuple[str, str]]) -> list[FairStarts]:
+    """The starts and the tasks waiting per fair key of each room ``(policy, key)``, in one pipeline."""
+    pipe = backend.client.pipeline(transaction=False)
+    for policy, key in rooms:
+        _, f, cur, prev = keyset(backend.prefix, backend.policy(policy), key).fair()
+        pipe.hgetall(f)
+        pipe.hgetall(cur)
+        pipe.hgetall(prev)
+    try:
+        raw = pipe.execute()
+    except _UNAVAILABLE as e:
+        raise backend._unavailable(e) from e
+    out = []
+    for i, (policy, key) in enumerate(rooms):
+        f, cur, prev = raw[3 * i : 3 * i + 3]
+        waiting = {_s(k)[2:]: int(v) for k, v in (f or {}).items() if _s(k).startswith("n:") and int(v) > 0}
+        start, current = _counts(cur)
+        _, previous = _counts(prev)
+        out.append(FairStarts(policy, key, start, current, previous, waiting))
+    return out

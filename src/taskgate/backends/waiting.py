@@ -35,7 +35,7 @@ from taskgate.backends.fairness import Weights, check_weight
 from taskgate.backends.redis import RedisBackend
 from taskgate.engine import script
 from taskgate.engine.keys import ROOM_SEP, keyset, rooms_index
-from taskgate.engine.plan import Plan, decode_decision
+from taskgate.engine.plan import AxesPlanner, Plan, decode_decision
 from taskgate.engine.plan import text as _s
 from taskgate.policy import Policy
 from taskgate.types import AdmitReply, Decision, LeaseRef
@@ -116,7 +116,8 @@ def split_room(name: str | bytes) -> tuple[str, str]:
 
 class WaitingRoom:
     """The waiting rooms of one direct door (``RedisBackend``, or ``memory://``). Sync; thread-safe as the
-    backend is."""
+    backend is. ``planner`` marshals the admit that enter and promote run (default: one over the door's
+    policies and key prefix)."""
 
     def __init__(
         self,
@@ -125,13 +126,14 @@ class WaitingRoom:
         handoff_ms: int = HANDOFF_MS,
         room_ttl_ms: int = ROOM_TTL_MS,
         lead_ms: int = LEAD_MS,
+        planner: AxesPlanner | None = None,
     ) -> None:
         self.backend = backend
         self.handoff_ms = handoff_ms
         self.lead_ms = lead_ms
         self.room_ttl_ms = room_ttl_ms
         self.index = rooms_index(backend.prefix)
-        self._admit = backend._plan  # the planner of this door (KEYS/ARGV of op admit)
+        self._admit = planner if planner is not None else AxesPlanner(backend.policies, backend.prefix)
         self.weights = Weights(backend)  # fairness weights (store, then policy file), cached <= 1 s
 
     def _policy(self, name: str) -> Policy:
@@ -309,7 +311,7 @@ class WaitingRoom:
             pipe.zcard(q)
             pipe.zcard(h)
             pipe.hgetall(m)
-            pipe.eval(head.source, 2, q, d)
+            pipe.execute_command("EVAL", head.source, 2, q, d)  # type: ignore[no-untyped-call]  # (no .eval on a cluster pipeline)
         raw = pipe.execute()
         out = []
         for i, (policy, key) in enumerate(rooms):
@@ -332,7 +334,7 @@ class WaitingRoom:
 
     def fair_keys(self, policy: str, key: str) -> dict[str, int]:
         """Tasks waiting per fair key in the room ("" for work without one); empty when nothing waits."""
-        _, f = keyset(self.backend.prefix, self._policy(policy), key).fair()
+        f = keyset(self.backend.prefix, self._policy(policy), key).fair()[1]
         raw: Any = self.backend.client.hgetall(f)
         return {_s(k)[2:]: int(v) for k, v in (raw or {}).items() if _s(k).startswith("n:") and int(v) > 0}
 

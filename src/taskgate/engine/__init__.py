@@ -62,12 +62,23 @@ def _stats_fragment(mode: str, stats_keys: int) -> str:
 
 
 @cache
-def script(op: str, strategy: str | None = None, stats: StatsMode = "off", stats_keys: int = 5) -> Script:
+def script(
+    op: str,
+    strategy: str | None = None,
+    stats: StatsMode = "off",
+    stats_keys: int = 5,
+    consts: tuple[str | int | float, ...] = (),
+) -> Script:
     """The composed script for ``op`` (``check``, ``forecast``, ``admit`` ...) on a rate ``strategy``
     (``None`` for operations without a rate axis, which get the ``rate_none`` fragment), with the counters
     in mode ``stats`` (``off`` unless ``op`` is counted) and, in mode inline, ``stats_keys`` stats keys at the
     end of KEYS (5, or 3 for a policy that never spends tokens). ``script("stats")`` writes collected
-    counters."""
+    counters.
+
+    ``consts``: a policy's constant arguments, written into the script as the Lua table ``TG_CONST`` of
+    strings (each exactly the text redis-py would send as ARGV, so ``tonumber`` reads the same double)
+    instead of travelling in ARGV with every call: one script per policy, and a call carries only what
+    varies (``op_check.lua``: each argument costs the client an encoding and the server a Lua string)."""
     if op == "stats":
         stats, stats_keys = "inline", 5
     elif op not in COUNTED_OPS:
@@ -88,6 +99,8 @@ def script(op: str, strategy: str | None = None, stats: StatsMode = "off", stats
     if op in _ROOM_ADMIT_OPS:  # the waiting room admits with the very body of op admit, as a function
         parts.append("pv_spread = false  -- provider.lua: no return slots in a room (one queue)\n")
         parts.append(f"local function tg_admit(KEYS, ARGV)\n{_read('op_admit.lua')}\nend\n")
+    if consts:
+        parts.append(f"local TG_CONST = {{{', '.join(_lua_str(v) for v in consts)}}}\n")
     body = _read(f"op_{op}.lua")
     if stats == "off" or op == "stats":
         parts.append(body)
@@ -95,6 +108,16 @@ def script(op: str, strategy: str | None = None, stats: StatsMode = "off", stats
         parts.append(f"local function tg_op()\n{body}\nend\nreturn stats_finish('{op}', tg_op())\n")
     source = "\n".join(parts)
     return Script(f"{op}:{strategy or 'none'}", source, hashlib.sha1(source.encode()).hexdigest())  # noqa: S324
+
+
+def _lua_str(v: str | int | float) -> str:
+    """``v`` as a Lua string literal of the bytes redis-py sends for it (its Encoder: repr of a number)."""
+    if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+        raise TypeError(f"a script constant must be a str, int or float, got {v!r}")
+    text = v if isinstance(v, str) else repr(v)
+    if not text.isprintable() or "'" in text or "\\" in text:
+        raise ValueError(f"a script constant must be printable text without quotes, got {text!r}")
+    return f"'{text}'"
 
 
 # Fragments beyond common + rate that an operation needs.

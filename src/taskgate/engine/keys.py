@@ -8,13 +8,14 @@ so a key can never close the hash tag or collide with another key's layout)::
     {prefix}:{P:K}:b<i>     token budget i (hash: window start, charged)
     {prefix}:{P:K}:rv:<id>  one open reservation (hash: tokens, at, window start per budget)
     {prefix}:{P:K}:pv       what the provider reported (hash: hold until, pacing; ``lua/provider.lua``)
+    {prefix}:{P:K}:ft       the Fleet door's tenants of the window (hash: weight, last reserve, granted)
     {prefix}:{P:K}:c        concurrency leases when the limit is per key (sorted set lease -> expiry)
     {prefix}:{P}:c          concurrency leases when the limit is policy-wide
     ...:cm, ...:cw          lease meta (adaptive limit, mean hold) and waiters, beside the leases
-    {prefix}:{P:K}:wq, :wd, :wh, :wg, :wc, :wm, :wp, :wf
+    {prefix}:{P:K}:wq, :wd, :wh, :wg, :wc, :wm, :wp, :wf, :ws, :wo
                             the waiting room of (P, K) (``lua/room.lua``): order, payloads, hand-offs,
-                            grants, claimed ids, counters, the fair keys' queues and tags -- in the slot of
-                            the decision they wait for
+                            grants, claimed ids, counters, the fair keys' queues and tags, starts per fair
+                            key (this minute, the one before) -- in the slot of the decision they wait for
     {prefix}:{P}:fw         runtime fairness weights of policy P (hash fair key -> weight), read by the
                             callers (never by a script: it is in the slot of {P}, not of the room)
     {prefix}:rooms          index of the rooms with work (sorted set "P<US>K" -> when its head is due);
@@ -126,6 +127,11 @@ class KeySet:
         """The provider's hold and pacing for this (policy, key) (read by check and admit)."""
         return self.base + ":pv"
 
+    @property
+    def tenants(self) -> str:
+        """The Fleet door's tenants of this (policy, key)'s window (``lua/op_lease.lua``)."""
+        return self.base + ":ft"
+
     def reservation(self, rid: str) -> str:
         return f"{self.base}:rv:{rid}"
 
@@ -146,9 +152,10 @@ class KeySet:
         return [b + ":wq", b + ":wd", b + ":wh", b + ":wg", b + ":wc", b + ":wm"]
 
     def fair(self) -> list[str]:
-        """The room's fair queueing keys (``lua/room.lua``): p (the tasks behind each fair key's head) and f
-        (tags and counts per fair key)."""
-        return [self.base + ":wp", self.base + ":wf"]
+        """The room's fair queueing keys (``lua/room.lua``): p (the tasks behind each fair key's head), f
+        (tags and counts per fair key), s and o (starts per fair key, this window and the one before)."""
+        b = self.base
+        return [b + ":wp", b + ":wf", b + ":ws", b + ":wo"]
 
     @property
     def meta(self) -> str:

@@ -1,32 +1,40 @@
-"""Pure marshalling and decoding shared by every Redis-speaking door (sync, async, embedded).
+"""The engine's Python half: pure marshalling shared by every Redis-speaking door (sync, async, embedded).
 
-A :class:`Plan` is everything one EVALSHA needs (script, KEYS, ARGV) plus the function that decodes its reply.
-Planning validates arguments, so bad input fails here with a clear ValueError before any round trip.
-
-Counters (:mod:`taskgate.engine.keys` has the layout and the Redis Cluster choice): a counted operation of
-a policy with ``counters: true`` gets the policy's stats keys after its own KEYS and one stats argument after
-its ARGV (mode ``inline``), or, on a cluster where those keys are in another slot, no stats keys and a reply
-that carries the counts (mode ``collect``: ``Plan.collect`` names the policy; :class:`StatsBuffer` sums the
-counts until the backend sends them with :meth:`Planner.stats_flush`).
+A :class:`Plan` is everything one EVALSHA needs (script, KEYS, ARGV) plus the function that decodes its reply
+(:mod:`taskgate.engine.decode`). Planning validates arguments, so bad input fails with a clear ValueError
+before any round trip. :class:`~taskgate.engine.planner.Planner` (:mod:`taskgate.engine.planner`, with
+:class:`Plan`, the argument checks and the counters' KEYS/ARGV) plans the rate axis: check, check_many, peek,
+forecast, a window lease, reset. :class:`AxesPlanner`, here, adds the concurrency and cost axes and admit
+(rate x concurrency x cost): it is the planner the direct doors use. This module is where the doors and the
+waiting room import all of it from.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from collections.abc import Sequence
+from typing import Any
 
-from taskgate.engine import Script, StatsMode, script
-from taskgate.engine.keys import escape, keyset, member_head, shares_stats_slot, stats_keys
+from taskgate.engine import script
+from taskgate.engine.decode import decode_decision, decode_forecast, decode_many, decode_window_lease, text
+from taskgate.engine.keys import keyset
+from taskgate.engine.planner import (
+    MAX_KEY_BYTES,
+    MAX_MANY,
+    Plan,
+    Planner,
+    check_key,
+    check_now,
+    check_units,
+    rate_params,
+)
 from taskgate.errors import OperationNotSupportedError
 from taskgate.logs import key_text, log
-from taskgate.policy import Policies, Policy, RateSpec
+from taskgate.policy import Policy
 from taskgate.provider import ProviderReport, Reported
 from taskgate.types import (
     AdmitReply,
     Decision,
-    Forecast,
     HeartbeatReply,
     LeaseRef,
     ReserveReply,
@@ -34,287 +42,22 @@ from taskgate.types import (
     WindowLease,
 )
 
-if TYPE_CHECKING:
-    from taskgate.engine.stats_buffer import StatsDelta
-
-T = TypeVar("T")
-MAX_KEY_BYTES = 1024
-MAX_MANY = 1000
-
-
-@dataclass(frozen=True, slots=True)
-class Plan(Generic[T]):
-    script: Script
-    keys: list[str]
-    args: list[str | int | float]
-    decode: Callable[[Any], T]
-    collect: str = ""  # stats mode collect: the policy whose counts the reply carries ({reply, deltas})
-
-
-@dataclass(frozen=True, slots=True)
-class _CheckStatic:
-    """The parts of a ``check`` plan that depend on the policy only (:meth:`Planner._check_static`)."""
-
-    script: Script
-    head: str  # keyset(prefix, policy, key).base == head + escape(key) + mid
-    mid: str
-    max_cost: int
-    books: bool  # booking horizon > 0
-    grace: int
-    tail: tuple[str | int | float, ...]  # ARGV after the grace: strategy params, horizon (, stats argument)
-    stats_keys: tuple[str, ...]  # KEYS after the op's own (stats mode inline)
-    collect: str
-
-
-def check_key(key: object) -> str:
-    if not isinstance(key, str):  # not a key at all: say what it is
-        raise ValueError(f"key must be a non-empty string, got {type(key).__name__} {key!r}")
-    # a key can be personal data: the messages show one only when allowed (taskgate.log_keys)
-    if not key:
-        raise ValueError("key must be a non-empty string, got ''")
-    try:
-        size = len(key.encode("utf-8"))
-    except UnicodeEncodeError as e:
-        raise ValueError(
-            f"key is not valid Unicode text ({e.reason} at {e.start}): {key_text(key)}"
-        ) from None
-    if size > MAX_KEY_BYTES:
-        raise ValueError(f"key is longer than {MAX_KEY_BYTES} bytes (UTF-8): {key_text(key)}")
-    return key
-
-
-def check_now(now: object) -> int:
-    if now is None:
-        return 0
-    if isinstance(now, bool) or not isinstance(now, int) or now <= 0:
-        raise ValueError(f"now must be epoch milliseconds as a positive int, got {now!r}")
-    return now
-
-
-def check_units(value: object, name: str, policy: str, maximum: int | None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    if maximum is not None and value > maximum:
-        raise ValueError(
-            f"{name} {value} can never be admitted by policy {policy!r} (at most {maximum} per call): "
-            "it would be deferred forever"
-        )
-    return value
-
-
-def text(v: object) -> str:
-    """A reply field as text (Redis replies bytes or str)."""
-    return v.decode() if isinstance(v, bytes) else str(v)
-
-
-def decode_decision(raw: Sequence[Any], i: int = 0) -> Decision:
-    # positional: a third cheaper than keywords on the hot path (allowed, limit, remaining, reset_at,
-    # retry_after_ms, booked, booking_token)
-    return Decision(
-        int(raw[i]) == 1,
-        int(raw[i + 1]),
-        int(raw[i + 2]),
-        int(raw[i + 3]),
-        int(raw[i + 4]),
-        int(raw[i + 5]) == 1,
-        text(raw[i + 6]) if len(raw) > i + 6 else "",
-    )
-
-
-def decode_many(raw: Sequence[Any]) -> list[Decision]:
-    return [decode_decision(raw, i) for i in range(0, len(raw), 7)]
-
-
-def decode_forecast(raw: Sequence[Any]) -> Forecast:
-    return Forecast(spendable_now=int(raw[0]), next_replenish_at=int(raw[1]), full_at=int(raw[2]))
-
-
-class Planner:
-    """Turns public calls into :class:`Plan` objects for one set of policies and one key prefix.
-    ``cluster=True``: the client is a Redis Cluster client (counters of per-key policies are collected)."""
-
-    def __init__(self, policies: Policies, prefix: str = "taskgate", *, cluster: bool = False) -> None:
-        if not isinstance(prefix, str) or not prefix or "{" in prefix or "}" in prefix:
-            raise ValueError(f"prefix must be a non-empty string without braces, got {prefix!r}")
-        self.policies = policies
-        self.prefix = prefix
-        self.cluster = cluster
-        self._stats_of: dict[str, tuple[StatsMode, list[str], int]] = {}
-        self._checks: dict[str, _CheckStatic] = {}
-
-    def _stats(self, p: Policy) -> tuple[StatsMode, list[str], int]:
-        """(mode, stats keys to append, the check script's member offset) of policy ``p``."""
-        got = self._stats_of.get(p.name)
-        if got is not None:
-            return got
-        mode: StatsMode
-        if not p.counters:
-            mode = "off"
-        elif self.cluster and not shares_stats_slot(p):
-            mode = "collect"
-        else:
-            mode = "inline"
-        skeys = list(stats_keys(self.prefix, p.name)) if mode == "inline" else []
-        if not p.budgets:
-            del skeys[3:]  # it never spends: no top-spender sets
-        got = self._stats_of[p.name] = (mode, skeys, member_head(self.prefix, p))
-        return got
-
-    def _counted(
-        self,
-        p: Policy,
-        op: str,
-        strategy: str | None,
-        keys: list[str],
-        args: list[str | int | float],
-        decode: Callable[[Any], T],
-        member: str | None,
-    ) -> Plan[T]:
-        """The plan of a counted operation; ``member`` is the caller's key (None: check, cut from KEYS)."""
-        mode, skeys, head = self._stats(p)
-        if mode == "off":
-            return Plan(script(op, strategy), keys, args, decode)
-        arg: str | int = head if member is None else escape(member)
-        return Plan(
-            script(op, strategy, mode, len(skeys) or 5),
-            keys + skeys if skeys else keys,
-            [*args, arg],
-            decode,
-            p.name if mode == "collect" else "",
-        )
-
-    def stats_flush(self, policy: str, now: int, delta: StatsDelta) -> Plan[None]:
-        """Write counts collected in cluster mode (``now``: any epoch-ms of the second they belong to)."""
-        return Plan(script("stats"), list(stats_keys(self.prefix, policy)), [now, *delta.args()], _none)
-
-    def policy(self, name: str) -> Policy:
-        if not isinstance(name, str):
-            raise ValueError(f"policy must be a policy name (str), got {name!r}")
-        return self.policies[name]
-
-    def _rate_policy(self, name: str, op: str) -> tuple[Policy, RateSpec]:
-        p = self.policy(name)
-        if p.rate is None:
-            raise OperationNotSupportedError(
-                f"{op} needs a rate axis, and policy {name!r} has none ({p.kind}); use admit"
-                + (" or debit" if p.budgets else "")
-            )
-        return p, p.rate
-
-    @staticmethod
-    def _rate_args(p: Policy, rate: RateSpec) -> list[str | int | float]:
-        return [*rate.params(), p.booking_horizon_ms]
-
-    def _check_static(self, name: str) -> _CheckStatic:
-        """What every check of policy ``name`` shares, worked out once (the hot path only adds the key)."""
-        got = self._checks.get(name) if isinstance(name, str) else None
-        if got is not None:
-            return got
-        p, rate = self._rate_policy(name, "check")
-        # the plan of a check on a stand-in key, cut around it: the same KEYS and ARGV as for any key
-        ref = self._counted(p, "check", rate.strategy, [keyset(self.prefix, p, "\0").base], [], _none, None)
-        head, mid = ref.keys[0].split("\0")
-        got = self._checks[name] = _CheckStatic(
-            ref.script,
-            head,
-            mid,
-            rate.max_cost,
-            p.booking_horizon_ms > 0,
-            p.booking_grace_ms,
-            tuple(self._rate_args(p, rate)) + tuple(ref.args),
-            tuple(ref.keys[1:]),
-            ref.collect,
-        )
-        return got
-
-    def check(
-        self,
-        name: str,
-        key: str,
-        cost: int = 1,
-        now: int | None = None,
-        *,
-        book: bool = False,
-        token: str = "",
-    ) -> Plan[Decision]:
-        c = self._check_static(name)
-        check_key(key)
-        check_units(cost, "cost", name, c.max_cost)
-        base = c.head + escape(key) + c.mid  # keyset(prefix, policy, key).base
-        # b: redeem a token and/or book; t: redeem a token only; c: plain consume
-        mode = "b" if book and c.books else ("t" if token else "c")
-        if mode == "c":
-            keys = [base + ":r", base + ":pv", *c.stats_keys]
-        else:
-            keys = [base + ":r", base + ":bk", base + ":pv", *c.stats_keys]
-        args: list[str | int | float] = [check_now(now), mode, cost, token or "", c.grace, *c.tail]
-        return Plan(c.script, keys, args, decode_decision, c.collect)
-
-    def check_many(
-        self, name: str, keys: Sequence[str], cost: int = 1, now: int | None = None
-    ) -> Plan[list[Decision]]:
-        p, rate = self._rate_policy(name, "check_many")
-        if isinstance(keys, str) or not isinstance(keys, Sequence):
-            raise ValueError(f"keys must be a sequence of strings, got {type(keys).__name__}")
-        if len(keys) > MAX_MANY:
-            raise ValueError(f"check_many takes at most {MAX_MANY} keys, got {len(keys)}")
-        check_units(cost, "cost", name, rate.max_cost)
-        ks = [keyset(self.prefix, p, check_key(k)) for k in keys]
-        rk = [k.rate for k in ks] + [k.provider for k in ks]
-        args: list[str | int | float] = [check_now(now), "c", cost, "", 0]
-        return self._counted(
-            p, "check", rate.strategy, rk, args + self._rate_args(p, rate), decode_many, None
-        )
-
-    def peek(self, name: str, key: str, now: int | None = None) -> Plan[Decision]:
-        p, rate = self._rate_policy(name, "peek")
-        check_key(key)
-        args: list[str | int | float] = [check_now(now), "p", 1, "", 0]
-        ks = keyset(self.prefix, p, key)
-        return Plan(
-            script("check", rate.strategy),
-            [ks.rate, ks.provider],
-            args + self._rate_args(p, rate),
-            decode_decision,
-        )
-
-    def forecast(self, name: str, key: str, cost: int = 1, now: int | None = None) -> Plan[Forecast]:
-        p, rate = self._rate_policy(name, "forecast")
-        check_key(key)
-        check_units(cost, "cost", name, rate.max_cost)
-        ks = keyset(self.prefix, p, key)
-        args: list[str | int | float] = [check_now(now), *self._rate_args(p, rate)]
-        return Plan(script("forecast", rate.strategy), [ks.rate], args, decode_forecast)
-
-    def lease_window(self, name: str, key: str, wants: int, now: int | None = None) -> Plan[WindowLease]:
-        """Grant up to ``wants`` units of the current window of a fixedWindow policy for ``key`` ("" = one
-        policy-wide budget no check can name), from the counter ``check`` spends (``op_lease.lua``)."""
-        p, rate = self._rate_policy(name, "a lease")
-        if rate.strategy != "fixedWindow":
-            raise OperationNotSupportedError(
-                f"a lease is a chunk of a fixed window's budget, and policy {name!r} is {rate.strategy}"
-            )
-        if key != "":
-            check_key(key)
-        wants = check_units(wants, "wants", name, None)
-        ks = keyset(self.prefix, p, key)
-        args: list[str | int | float] = [check_now(now), wants, *self._rate_args(p, rate)]
-        return Plan(script("lease", rate.strategy), [ks.rate], args, decode_window_lease)
-
-    def reset(self, name: str, key: str) -> Plan[int]:
-        p = self.policy(name)
-        check_key(key)
-        ks = keyset(self.prefix, p, key)
-        keys = [ks.rate, ks.bookings, ks.provider, *(ks.budget(i) for i in range(len(p.budgets)))]
-        if p.concurrency is not None and p.concurrency.per_key:
-            keys += [ks.leases, ks.meta, ks.waiters]
-        return Plan(script("reset"), keys, [], int)
-
-
-def decode_window_lease(raw: Sequence[Any]) -> WindowLease:
-    return WindowLease(int(raw[0]), int(raw[1]), int(raw[2]), int(raw[3]), int(raw[4]))
+__all__ = [
+    "MAX_KEY_BYTES",
+    "MAX_MANY",
+    "AxesPlanner",
+    "Plan",
+    "Planner",
+    "check_key",
+    "check_now",
+    "check_units",
+    "decode_decision",
+    "decode_forecast",
+    "decode_many",
+    "decode_window_lease",
+    "rate_params",
+    "text",
+]
 
 
 def _holder(holder: str | None) -> str:
@@ -445,7 +188,7 @@ class AxesPlanner(Planner):
             p.booking_grace_ms,
             _res_ttl(p) if p.budgets else 0,
             *_budget_args(p),
-            *(p.rate.params() if p.rate else []),
+            *(rate_params(p.rate) if p.rate else []),
             p.booking_horizon_ms,
         ]
         return keys, args
@@ -617,7 +360,3 @@ class AxesPlanner(Planner):
 
 def _released(raw: Any) -> bool:
     return int(raw) == 1
-
-
-def _none(raw: Any) -> None:
-    return None

@@ -9,8 +9,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from taskgate.engine.decode import text
 from taskgate.engine.keys import STATS_FLUSH_S
-from taskgate.engine.plan import text
 
 
 @dataclass

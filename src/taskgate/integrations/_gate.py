@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from taskgate.admission import Admission, _current, usage_tokens
+from taskgate.backends.base import Backend
 from taskgate.backends.waiting import WaitingRoom
 from taskgate.errors import BackendUnavailableError, TaskgateError, ThrottledError
 from taskgate.integrations.options import ThrottleOptions
@@ -100,7 +101,7 @@ class AdmissionGroup:
         admissions: Sequence[Admission],
         *,
         fail_open: bool = False,
-        backend: Any = None,
+        backend: Backend | None = None,
         key: str = "",
         policies: Sequence[str] = (),
         state: DeferralState | None = None,
@@ -294,7 +295,7 @@ class Gate:
 
     def __init__(
         self,
-        backend: Callable[[], Any],
+        backend: Callable[[], Backend],
         *,
         short_wait_ms: int = 250,
         sleep: Callable[[float], None] = time.sleep,
@@ -307,7 +308,7 @@ class Gate:
         self.stats = Stats()
 
     @property
-    def backend(self) -> Any:
+    def backend(self) -> Backend:
         return self._backend()
 
     def enter(

@@ -14,6 +14,8 @@ import threading
 from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 
+from taskgate.backends.base import Backend
+from taskgate.backends.redis import RedisBackend
 from taskgate.backends.waiting import WaitingRoom
 from taskgate.errors import ThrottledError
 from taskgate.integrations._gate import Deferred, Gate
@@ -35,12 +37,14 @@ class Runtime:
     # a task whose body met the provider's 429 is deferred, not failed (the queue knows how: Celery, RQ)
     PROVIDER_DEFERRAL: ClassVar[bool] = False
 
-    def __init__(self, backend: Any, policies: PolicySource, settings: Mapping[str, Any]) -> None:
+    def __init__(
+        self, backend: str | Backend | None, policies: PolicySource, settings: Mapping[str, Any]
+    ) -> None:
         self.check_settings(settings)
         self._spec = backend
         self._policies = policies
-        self._backend: Any = None
-        self._door: Any = None
+        self._backend: Backend | None = None
+        self._door: Backend | None = None
         self._pid = -1
         self._lock = threading.Lock()
         self.settings: dict[str, Any] = {**self.SETTINGS, **settings}
@@ -58,22 +62,23 @@ class Runtime:
             )
 
     @property
-    def backend(self) -> Any:
+    def backend(self) -> Backend:
         """This process's backend: made on first use, and again after a fork."""
-        if self._backend is None or self._pid != os.getpid():
+        b = self._backend
+        if b is None or self._pid != os.getpid():
             with self._lock:
-                if self._backend is None or self._pid != os.getpid():
+                b = self._backend
+                if b is None or self._pid != os.getpid():
                     if isinstance(self._spec, str) or self._spec is None:
                         from taskgate.backends import connect
 
-                        self._backend = connect(self._spec, self._policies)
+                        b = connect(self._spec, self._policies)
                     else:
-                        self._backend = self._spec
-                    self._door = None
-                    self._pid = os.getpid()
-        return self._backend
+                        b = self._spec
+                    self._backend, self._door, self._pid = b, None, os.getpid()
+        return b
 
-    def door(self) -> Any:
+    def door(self) -> Backend:
         """The backend as the gate uses it (:meth:`wrap_door` of :attr:`backend`)."""
         backend = self.backend
         door = self._door
@@ -81,15 +86,19 @@ class Runtime:
             door = self._door = self.wrap_door(backend)
         return door
 
-    def wrap_door(self, backend: Any) -> Any:
+    def wrap_door(self, backend: Backend) -> Backend:
         return backend
 
     # -- the waiting room (integrations/waiting.py says which policies park) -------------------------------
 
     def room(self) -> WaitingRoom:
-        """This process's view of the waiting rooms (over its backend)."""
+        """This process's view of the waiting rooms (over its backend: the direct door; :meth:`parks` is
+        False on any other)."""
         if self._room is None or self._room_pid != os.getpid():
-            self._room, self._room_pid = WaitingRoom(self.backend), os.getpid()
+            b = self.backend
+            if not isinstance(b, RedisBackend):
+                raise TypeError(f"{self.where}: the waiting room needs the direct door (redis://), not {b!r}")
+            self._room, self._room_pid = WaitingRoom(b), os.getpid()
         return self._room
 
     def parks(self, opts: ThrottleOptions) -> bool:
@@ -99,7 +108,7 @@ class Runtime:
 
     def parks_any(self) -> bool:
         b = self.backend
-        return any(parks(p, b) for p in getattr(b, "policies", {}).values())
+        return any(parks(p, b) for p in b.policies.values())
 
     def deferral_limit(self, opts: ThrottleOptions) -> int:
         """max_deferrals of a task before it is decided (task option > setting > its first policy's)."""

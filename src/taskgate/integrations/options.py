@@ -11,8 +11,7 @@ from typing import Any, Literal
 __all__ = ["OPTION_NAMES", "ROOM_OPTION_NAMES", "ThrottleOptions", "check_option_names", "parse_options"]
 
 OPTION_NAMES = ("throttle", "key", "cost", "tokens", "max_deferrals", "on_exhausted", "book")
-# Options only the engine's waiting room reads (Celery's integration parks there; RQ's does not yet, so it
-# rejects them as unknown rather than ignore them).
+# Options only the engine's waiting room reads (a policy that parks, Celery's tasks and RQ's jobs alike).
 ROOM_OPTION_NAMES = ("fair_key",)
 Units = int | Callable[..., int]
 

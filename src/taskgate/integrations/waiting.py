@@ -22,10 +22,10 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from typing import Any
 
 from redis.exceptions import ResponseError
 
+from taskgate.backends.base import Backend
 from taskgate.backends.redis import RedisBackend
 from taskgate.backends.waiting import Promoted, WaitingRoom
 from taskgate.errors import TaskgateError
@@ -40,7 +40,7 @@ _persisted: dict[int, bool] = {}
 _lock = threading.Lock()
 
 
-def persistence(backend: Any) -> tuple[bool, str]:
+def persistence(backend: Backend) -> tuple[bool, str]:
     """(persists, how) for a backend's store: Redis AOF/RDB settings; memory:// and gRPC do not park."""
     if not isinstance(backend, RedisBackend) or backend.url.startswith("memory://"):
         return False, "the store is not a Redis server"
@@ -56,7 +56,7 @@ def persistence(backend: Any) -> tuple[bool, str]:
     return False, "appendonly no and no save points"
 
 
-def parks(policy: Policy, backend: Any) -> bool:
+def parks(policy: Policy, backend: Backend) -> bool:
     """True if denied tasks of ``policy`` wait in the engine's waiting room (see the module docstring)."""
     mode = policy.deferral.park
     if mode == "never" or not isinstance(backend, RedisBackend):

@@ -1,4 +1,4 @@
-"""The RateLimiter servicer: each RPC is one call on an :class:`~taskgate.backends.redis.AsyncRedisBackend`.
+"""The RateLimiter servicer: each RPC is one call on a door (:class:`~taskgate.backends.base.AsyncBackend`).
 
 Wire rules (ThrottleKit's): ``cost`` 0 means 1 (Check, CheckMany, Forecast, Admit), ``tokens`` 0 means 1 for
 Debit. ``Admit.hold`` and ``Admit.value`` (ThrottleKit's experimental joint-LP bid terms) are accepted and
@@ -19,7 +19,7 @@ from typing import Any, Protocol, TypeVar
 
 from taskgate._proto import throttlekit_pb2 as pb
 from taskgate._proto import throttlekit_pb2_grpc as pbg
-from taskgate.backends.redis import AsyncRedisBackend
+from taskgate.backends.base import AsyncBackend
 from taskgate.engine.plan import MAX_MANY
 from taskgate.errors import BackendUnavailableError
 from taskgate.server.errors import map_errors
@@ -56,7 +56,7 @@ class RateLimiterService(pbg.RateLimiterServicer):
 
     def __init__(
         self,
-        backend: AsyncRedisBackend,
+        backend: AsyncBackend,
         *,
         fail_retry_ms: int = 1000,
         listeners: list[DecisionListener] | None = None,

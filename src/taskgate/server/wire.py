@@ -7,6 +7,7 @@ from typing import Any
 import yaml
 
 from taskgate._proto import throttlekit_pb2 as pb
+from taskgate.backends.failmode import fail_decision, policy_limit
 from taskgate.policy import Policy
 from taskgate.types import Decision
 
@@ -30,24 +31,6 @@ def encode_decision(d: Decision) -> pb.Decision:
     m = pb.Decision()
     put_decision(m, d)
     return m
-
-
-def policy_limit(p: Policy) -> int:
-    """The headline limit: the rate limit (a token bucket's capacity), else the concurrency ceiling, else
-    the smallest budget."""
-    if p.rate is not None:
-        return p.rate.capacity if p.rate.strategy == "tokenBucket" else p.rate.limit
-    if p.concurrency is not None:
-        return p.concurrency.max_limit
-    return min(b.budget for b in p.budgets)
-
-
-def fail_decision(p: Policy, now_ms: int, retry_ms: int) -> Decision:
-    """The Decision given when the store cannot be reached: the policy's ``fail`` mode decides (open: allowed;
-    closed: denied, retry after ``retry_ms``), as ThrottleKit does."""
-    if p.fail == "open":
-        return Decision(True, policy_limit(p), 0, now_ms, 0)
-    return Decision(False, policy_limit(p), 0, now_ms + retry_ms, retry_ms)
 
 
 def policy_spec(p: Policy) -> dict[str, Any]:

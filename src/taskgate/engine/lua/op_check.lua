@@ -1,11 +1,13 @@
 -- op check: consume (check, check_many), peek, or redeem-a-booking (and book on a denial), on one strategy.
+-- One script per policy: its constants are TG_CONST (engine/__init__.py writes them into the source), so a
+-- call carries only what varies.
+-- TG_CONST [1] booking grace ms  [2..] strategy params (see the rate fragment)
 -- KEYS  mode c|p: KEYS[1..n] rate keys (check_many: all in one call, one instant), KEYS[n+1..2n] their
 --       provider keys (provider.lua)
 --       mode b|t: KEYS[1] rate key, KEYS[2] bookings (sorted set: token -> valid_at), KEYS[3] provider key
 -- ARGV  [1] now (epoch-ms; 0 = Redis TIME)  [2] mode c (consume) | p (peek) | b (redeem the token if any,
---       else consume or book) | t (redeem the token if any, else consume; never book)
---       [3] cost  [4] booking token to redeem ("" none); a token past valid_at + grace is no token
---       [5] booking grace ms  [6..] strategy params (see the rate fragment)
+--       else consume or book) | t (redeem the token if any, else consume; never book)  [3] cost
+--       mode b|t only: [4] booking token to redeem ("" none); a token past valid_at + grace is no token
 -- Reply per key, flattened: allowed(1/0), limit, remaining, reset_at, retry_after_ms, booked(1/0), token("")
 -- A provider hold or pacing (provider.lua) denies first: limit = the provider's reported limit (0 unknown),
 -- remaining 0, reset_at and retry_after to the hold's end.
@@ -13,12 +15,10 @@
 local now = tg_now(ARGV[1])
 local mode = ARGV[2]
 local cost = tonumber(ARGV[3])
-local token = ARGV[4]
-local grace = tonumber(ARGV[5])
-local P = rate_params(ARGV, 6)
+local P = rate_params(TG_CONST, 2)
 local function pv_deny(pv) return { 0, pv.cap, 0, pv.at, pv.wait, 0, '' } end
 if mode == 'b' or mode == 't' then
-  local key, bk = KEYS[1], KEYS[2]
+  local key, bk, token, grace = KEYS[1], KEYS[2], ARGV[4], tonumber(TG_CONST[1])
   local pv = pv_look(KEYS[3], now, true)
   if pv ~= nil and pv.allowed == 0 then return pv_deny(pv) end
   if token ~= '' then

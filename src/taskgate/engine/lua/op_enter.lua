@@ -1,7 +1,8 @@
 -- op enter: admit a task, or park it in the waiting room of its (policy, key) -- one atomic call.
 -- A task is admitted only when nobody waits (arrivals never overtake parked work); a parked task takes
 -- its place in the room's order (room.lua: start-time fair queueing across fair keys, FIFO within one).
--- KEYS  [1] q  [2] d  [3] h  [4] g  [5] c  [6] m  [7] p  [8] f  (room.lua)  [9 ..] the admit KEYS (op_admit.lua)
+-- KEYS  [1] q  [2] d  [3] h  [4] g  [5] c  [6] m  [7] p  [8] f  [9] s  [10] o  (room.lua)  [11 ..] the admit
+--       KEYS (op_admit.lua)
 -- ARGV  [1] task id  [2] payload  [3] park_over_ms: a denial whose wait is at most this is returned, not
 --       parked (-1: always park)  [4] room ttl ms  [5] dedupe 1|0  [6] hand-off ms: 0, or admitted work is
 --       handed off like promoted work (when it is sent: the worker claims the grant)  [7] fair key ("":
@@ -12,11 +13,11 @@
 --       reply when it was the first: its retry_after is when the room is due), -1 already waiting or
 --       promoted (a duplicate message), -2 already claimed (ran: a duplicate).
 local R = { q = KEYS[1], d = KEYS[2], h = KEYS[3], g = KEYS[4], c = KEYS[5], m = KEYS[6] }
-R.p, R.f = KEYS[7], KEYS[8]
+R.p, R.f, R.s, R.o = KEYS[7], KEYS[8], KEYS[9], KEYS[10]
 local id, payload, park_over, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local handoff = tonumber(ARGV[6])
 local fair_key, weight = ARGV[7], tonumber(ARGV[8])
-local AK, AA = room_slice(KEYS, 9), room_slice(ARGV, 9)
+local AK, AA = room_slice(KEYS, 11), room_slice(ARGV, 9)
 local now = tg_now(AA[1])
 AA[1] = now
 if ARGV[5] == '1' then
@@ -27,6 +28,11 @@ local depth = redis.call('ZCARD', R.q)
 local r = nil
 if depth == 0 then
   r = tg_admit(AK, AA)
+  if r[1] == 1 then  -- a start of its fair key
+    room_window(R, now)
+    room_started(R, fair_key, 1)
+    room_started_expire(R)
+  end
   if r[1] == 1 and handoff > 0 then
     local rid = ''
     if r[11] > 0 then rid = string.match(AK[6], ':rv:([^:]*)$') end

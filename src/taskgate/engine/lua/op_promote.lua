@@ -3,9 +3,9 @@
 -- Each promoted task is admitted by the very admit of op_admit.lua (rate slot consumed, lease taken,
 -- tokens reserved) and moves to the hand-off set until a worker claims it; a hand-off not claimed by its
 -- deadline (the promoter died before sending it) is handed out again, with the same grant.
--- KEYS  [1] q  [2] d  [3] h  [4] g  [5] m  [6] p  [7] f  (room.lua)  [8 .. 7+nr] reservation keys (one
---       per escrowed promotion, in order)  [8+nr ..] the admit KEYS (op_admit.lua; its reservation key is
---       replaced)
+-- KEYS  [1] q  [2] d  [3] h  [4] g  [5] m  [6] p  [7] f  [8] s  [9] o  (room.lua)  [10 .. 9+nr] reservation
+--       keys (one per escrowed promotion, in order)  [10+nr ..] the admit KEYS (op_admit.lua; its reservation
+--       key is replaced)
 -- ARGV  [1] now (0 = TIME)  [2] most to promote  [3] hand-off ms  [4] room ttl ms  [5] lead ms: a plain
 --       gcra policy books slots up to this far ahead (0: none)  [6] nr  [7] default weight  [8] nw
 --       [9 .. 8+nr] reservation ids  [9+nr .. 8+nr+2*nw] fair key, weight (the weights in force that are
@@ -15,6 +15,7 @@
 --       room is empty and nothing is on its way), depth = still waiting. A grant booked ahead is valid from its valid_at:
 --       the worker waits for it (at most `lead`), so a promoter that runs late loses no slot.
 local R = { q = KEYS[1], d = KEYS[2], h = KEYS[3], g = KEYS[4], m = KEYS[5], p = KEYS[6], f = KEYS[7] }
+R.s, R.o = KEYS[8], KEYS[9]
 local now = tg_now(ARGV[1])
 local most, handoff, ttl = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local lead, nr = tonumber(ARGV[5]), tonumber(ARGV[6])
@@ -22,7 +23,7 @@ local default_weight, nw = tonumber(ARGV[7]), tonumber(ARGV[8])
 local weights = {}
 for i = 1, nw do weights[ARGV[7 + nr + 2 * i]] = tonumber(ARGV[8 + nr + 2 * i]) end
 local function weight(fk) return weights[fk] or default_weight end
-local AK, AA = room_slice(KEYS, 8 + nr), room_slice(ARGV, 9 + nr + 2 * nw)
+local AK, AA = room_slice(KEYS, 10 + nr), room_slice(ARGV, 9 + nr + 2 * nw)
 AA[1] = now
 if lead > 0 then AA[9] = '1'; AA[#AA] = lead end  -- book (gcra's horizon is the last admit argument)
 local conc = AA[4] ~= ''
@@ -42,6 +43,7 @@ for _, id in ipairs(stale) do
   end
 end
 local used, next_due = 0, 0
+local started = {}  -- grants per fair key in this call (starts, room.lua's s)
 while n < most do
   local top = redis.call('ZRANGE', R.q, 0, 0, 'WITHSCORES')
   local head, score = top[1], top[2]
@@ -57,7 +59,7 @@ while n < most do
     if A[8] == 'e' and tokens > 0 then
       if used >= nr then break end
       used = used + 1
-      K[6], rid = KEYS[7 + used], ARGV[8 + used]
+      K[6], rid = KEYS[9 + used], ARGV[8 + used]
     end
     if conc then A[4] = head .. '.' .. redis.call('HINCRBY', R.m, 'seq', 1) end
     local r = tg_admit(K, A)
@@ -72,12 +74,18 @@ while n < most do
     local grant = r[9] .. '|' .. r[10] .. '|' .. rid .. '|' .. r[11] .. '|' .. valid_at
     redis.call('ZREM', R.q, head)
     room_next(R, head, fk, score, weight)
+    started[fk or ''] = (started[fk or ''] or 0) + 1
     redis.call('ZADD', R.h, now + handoff, head)
     redis.call('HSET', R.g, head, grant)
     redis.call('HINCRBY', R.m, 'npr', 1)
     out[#out + 1] = head; out[#out + 1] = grant; out[#out + 1] = body
     n = n + 1
   end
+end
+if next(started) ~= nil then
+  room_window(R, now)
+  for fk, k in pairs(started) do room_started(R, fk, k) end
+  room_started_expire(R)
 end
 local depth = redis.call('ZCARD', R.q)
 if depth > 0 and next_due == 0 then next_due = now end

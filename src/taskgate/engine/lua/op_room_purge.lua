@@ -1,5 +1,5 @@
 -- op room_purge: remove every task waiting in the room (not those promoted: they hold grants).
--- KEYS  [1] q  [2] d  [3] p  [4] f  (room.lua)
+-- KEYS  [1] q  [2] d  [3] p  [4] f  [5] s  [6] o  (room.lua; the starts per fair key, s and o, are kept)
 -- ARGV  none
 -- Reply the number of tasks removed.
 local ids = redis.call('ZRANGE', KEYS[1], 0, -1)

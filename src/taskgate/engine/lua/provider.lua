@@ -10,7 +10,8 @@
 --   hz   how far ahead denied callers are given return slots (ms; written by op_report)
 --   tat  pacing theoretical arrival time (GCRA over iv, cap): synced down to the provider's reported remaining
 --   n    429s reported (for operators)
--- No key (nothing reported, or it expired): one HMGET of a missing key, nothing else.
+-- No key (nothing reported, or it expired): one EXISTS, nothing else (the hot path of every check: an
+-- EXISTS is ~1 us cheaper in Redis than the HMGET of six missing fields, which only a reported key needs).
 
 -- pv_look(key, now, spread) -> nil when the provider has no objection, else { allowed = 0|1, wait, at, cap,
 -- tat } (cap: the pacing burst, 0 if unknown; a denial's Decision reports it as its limit). A denial with
@@ -30,6 +31,7 @@ local function pv_tol(x)
 end
 
 local function pv_look(key, now, spread)
+  if redis.call('EXISTS', key) == 0 then return nil end
   local h = redis.call('HMGET', key, 'u', 'iv', 'cap', 'tat', 'wq', 'hz')
   if h[1] == false and h[2] == false then return nil end
   local u, iv, cap = tonumber(h[1]), tonumber(h[2]), tonumber(h[3]) or 0

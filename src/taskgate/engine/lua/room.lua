@@ -16,6 +16,11 @@
 --   p  sorted set  the waiting tasks with a fair key that are not its head, all score 0, member
 --                  "<fair key>\31<seq, 16 digits>\31<task id>": by fair key, then arrival (ZRANGEBYLEX)
 --   f  hash        "t:<fair key>" -> its finish tag F (ticks), "n:<fair key>" -> its tasks waiting
+--   s  hash        grants ("starts") per fair key in the current window of ROOM_STARTS_MS: w its start
+--                  (epoch-ms, engine clock), "k:<fair key>" (the fair key "" for work without one) -> how many
+--                  were admitted or promoted, x those of fair keys past the first ROOM_STARTS_KEYS of the
+--                  window (for operators: `taskgate top`, the exporter; see room_started)
+--   o  hash        the same for the window before (s renamed when its window ends)
 --
 -- Order: start-time fair queueing (Goyal, Vin, Cheng 1996) across *fair keys* inside the room, one FIFO per
 -- fair key (the fair key "" for work declared without one). Only the head of each fair key is tagged, when
@@ -47,6 +52,37 @@ end
 
 local function room_expire(R, ttl)
   for _, k in ipairs({ R.q, R.d, R.h, R.g, R.m, R.p, R.f }) do tg_pexpire(k, ttl) end
+end
+
+-- Starts per fair key, kept bounded: two windows (s, o) of at most ROOM_STARTS_KEYS + 2 fields each, both
+-- expiring two windows after the last grant. Readers take o's counts weighted by the part of its window
+-- still inside the last ROOM_STARTS_MS, plus s's (a sliding estimate of the starts over the last window).
+local ROOM_STARTS_MS = 60000
+local ROOM_STARTS_KEYS = 1000
+
+-- Roll the windows to the one holding `now` (a clock going back keeps counting in the current one).
+local function room_window(R, now)
+  local start = now - now % ROOM_STARTS_MS
+  local w = tonumber(redis.call('HGET', R.s, 'w') or '-1')
+  if w >= start then return end
+  if w >= 0 and w == start - ROOM_STARTS_MS then
+    redis.call('RENAME', R.s, R.o)
+  else
+    redis.call('DEL', R.s, R.o)
+  end
+  redis.call('HSET', R.s, 'w', start)
+end
+
+-- `n` grants of fair key fk in the current window (room_window first).
+local function room_started(R, fk, n)
+  local f = 'k:' .. fk
+  if redis.call('HEXISTS', R.s, f) == 0 and redis.call('HLEN', R.s) > ROOM_STARTS_KEYS then f = 'x' end
+  redis.call('HINCRBY', R.s, f, n)
+end
+
+local function room_started_expire(R)
+  tg_pexpire(R.s, 2 * ROOM_STARTS_MS)
+  tg_pexpire(R.o, 2 * ROOM_STARTS_MS)
 end
 
 local ROOM_TICKS = 1000  -- virtual-time ticks per unit of cost/weight

@@ -18,8 +18,9 @@ How it works:
 
 - The decorator only tags the function (its options are validated there, with the same meanings as the
   Celery task options: ``throttle``, ``key``, ``cost``, ``tokens``, ``max_deferrals``, ``on_exhausted``,
-  ``book``). :func:`options` puts per-job overrides in ``job.meta["taskgate"]``; there they are *values*
-  for that one job (``key="acme"`` is the key itself, not a parameter name).
+  ``book``, ``fair_key``: the job's tenant in the weighted fair share of a policy that parks).
+  :func:`options` puts per-job overrides in ``job.meta["taskgate"]``; there they are *values* for that one
+  job (``key="acme"`` is the key itself, not a parameter name).
 - :class:`Worker` (and :class:`SimpleWorker`) override ``execute_job``: before the horse is forked, one gate
   decision across the job's policies. Short waits (<= ``short_wait_ms``, 250 ms) are waited out in place,
   and so is a *booked* rate slot that comes before the RQ scheduler's next tick (at most

@@ -10,7 +10,13 @@ from typing import Any, TypeVar
 
 import rq.job
 
-from taskgate.integrations.options import OPTION_NAMES, ThrottleOptions, check_option_names, parse_options
+from taskgate.integrations.options import (
+    OPTION_NAMES,
+    ROOM_OPTION_NAMES,
+    ThrottleOptions,
+    check_option_names,
+    parse_options,
+)
 
 __all__ = ["ATTR", "META", "META_AT_FRONT", "META_STATE", "options", "options_of", "throttled"]
 
@@ -18,6 +24,7 @@ META = "taskgate"  # job.meta key of the per-job options
 META_STATE = "taskgate_state"  # job.meta key of the deferral state (DeferralState.as_dict())
 META_AT_FRONT = "taskgate_at_front"  # job.meta key: the job's own enqueue_at_front while a booked deferral
 ATTR = "__taskgate_options__"  # attribute the decorator puts on the job function
+NAMES = OPTION_NAMES + ROOM_OPTION_NAMES  # RQ's jobs wait in the engine's waiting room too: fair_key=
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -27,17 +34,19 @@ def _name(fn: Callable[..., Any]) -> str:
 
 
 def _reject_unknown(task: str, given: Mapping[str, Any]) -> None:
-    check_option_names(task, given)  # "did you mean ..." for a near miss
-    unknown = sorted(set(given) - set(OPTION_NAMES))
+    check_option_names(task, given, names=NAMES)  # "did you mean ..." for a near miss
+    unknown = sorted(set(given) - set(NAMES))
     if unknown:
-        raise TypeError(f"task {task!r}: unknown option(s) {unknown}; known: {list(OPTION_NAMES)}")
+        raise TypeError(f"task {task!r}: unknown option(s) {unknown}; known: {list(NAMES)}")
 
 
 def throttled(throttle: str | Sequence[str], **opts: Any) -> Callable[[F], F]:
     """Throttle an RQ job function by policy ``throttle`` (a name or a list of names). Options as for Celery
     tasks: ``key`` (a parameter name or a callable of the job's arguments), ``cost``, ``tokens`` (ints or
-    callables), ``max_deferrals``, ``on_exhausted`` (``"fail"``/``"run"``), ``book``. Validated here; the
-    function itself is returned unchanged (only tagged), so it can still be called directly."""
+    callables), ``max_deferrals``, ``on_exhausted`` (``"fail"``/``"run"``), ``book``, ``fair_key`` (like
+    ``key``: the job's tenant, whose share of a shared limit its waiting room keeps fair, see
+    :mod:`taskgate.backends.fairness`; read only by policies that park). Validated here; the function itself
+    is returned unchanged (only tagged), so it can still be called directly."""
 
     def tag(fn: F) -> F:
         name = _name(fn)
@@ -53,7 +62,8 @@ def throttled(throttle: str | Sequence[str], **opts: Any) -> Callable[[F], F]:
 def options(throttle: str | Sequence[str] | None = None, **opts: Any) -> dict[str, Any]:
     """Per-job options, to pass as ``queue.enqueue(f, ..., meta=taskgate.rq.options(...))`` (merge with your
     own meta: ``meta={**taskgate.rq.options(key="acme"), "note": 1}``). They override the decorator's.
-    Values only: ``key`` is the throttle key of this job (a str or an int), ``cost``/``tokens`` are ints."""
+    Values only: ``key`` is the throttle key of this job (a str or an int), ``fair_key`` its fair key (a str
+    or an int), ``cost``/``tokens`` are ints."""
     given = dict(opts)
     if throttle is not None:
         given["throttle"] = throttle
@@ -62,19 +72,20 @@ def options(throttle: str | Sequence[str] | None = None, **opts: Any) -> dict[st
 
 def _check_meta(task: str, given: Mapping[str, Any]) -> dict[str, Any]:
     _reject_unknown(task, given)
-    for n in ("key", "cost", "tokens"):
+    for n in ("key", "cost", "tokens", "fair_key"):
         if callable(given.get(n)):
             raise TypeError(
                 f"task {task!r}: {n}= in job.meta must be a value for this job, not a callable "
                 "(use a callable in @taskgate.rq.throttled)"
             )
-    key = given.get("key")
-    if "key" in given and (isinstance(key, bool) or not isinstance(key, (str, int)) or key == ""):
-        raise TypeError(f"task {task!r}: key={key!r}: expected the throttle key (a non-empty str or an int)")
+    for n, noun in (("key", "throttle key"), ("fair_key", "fair key")):
+        v = given.get(n)
+        if n in given and (isinstance(v, bool) or not isinstance(v, (str, int)) or v == ""):
+            raise TypeError(f"task {task!r}: {n}={v!r}: expected the {noun} (a non-empty str or an int)")
     throttle = given.get("throttle", "-")
     if isinstance(throttle, tuple):
         throttle = list(throttle)
-    checked = {n: given[n] for n in OPTION_NAMES if n in given and n not in ("throttle", "key")}
+    checked = {n: given[n] for n in NAMES if n in given and n not in ("throttle", "key", "fair_key")}
     parse_options(task, throttle, **checked)
     out = dict(given)
     if "throttle" in out:
@@ -113,6 +124,7 @@ def options_of(job: rq.job.Job) -> ThrottleOptions | None:
     if "throttle" in over:
         t = over["throttle"]
         changes["policies"] = (t,) if isinstance(t, str) else tuple(t)
-    if "key" in over:
-        changes["key"] = _fixed(over["key"])
+    for n in ("key", "fair_key"):
+        if n in over:
+            changes[n] = _fixed(over[n])
     return dataclasses.replace(base, **changes)

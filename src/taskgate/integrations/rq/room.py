@@ -15,6 +15,10 @@ The promoter of any worker puts a promoted job back at the front of its queue (s
 instead of paying again; the claim succeeds once per promotion. The room knows an attempt by
 :func:`room_id`: the job id, and for RQ's own retries their count (a retry is a new attempt, not a
 duplicate).
+
+Jobs declared with ``fair_key=`` (the decorator, or ``taskgate.rq.options(fair_key=...)`` per job) wait in
+their room by fair key: the room serves fair keys by weighted fair queueing (``engine/lua/room.lua``), so
+the promoter hands back each tenant's share of the slots, whatever order the jobs reached RQ's queue in.
 """
 
 from __future__ import annotations
@@ -57,10 +61,7 @@ def quiet(group: AdmissionGroup) -> None:
     """Stop the worker's own heartbeat of leases admitted through the room: the horse keeps them alive (a
     SIGKILLed horse's lease must expire by its TTL, as a directly admitted one's does)."""
     for a in group.admissions:
-        pump = getattr(a, "_pump", None)
-        if pump is not None:
-            pump.unregister(a)
-            a._pump = None
+        a.stop_heartbeat()
 
 
 class RqPromoter(Promoter):
