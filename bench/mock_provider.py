@@ -1,5 +1,6 @@
 """A mock LLM provider on 127.0.0.1: a hidden token bucket on requests and on tokens, 429 + OpenAI-style
-headers, and a log of every call it saw (for ``bench/provider.py`` and ``tests/test_provider.py``).
+headers, and a log of every call it saw (for ``bench/provider.py`` and ``tests/test_provider*.py``); and
+:func:`call_provider`, the throttled task body (Celery or RQ) that calls it and reports each answer.
 
 The hidden limit is ``rpm`` requests and ``tpm`` tokens per minute, enforced (as providers do) by buckets of
 ``burst_s`` seconds' worth, refilled continuously. Every answer carries ``x-ratelimit-{limit,remaining,reset}-
@@ -23,12 +24,17 @@ import json
 import math
 import threading
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qs, urlsplit
 
-__all__ = ["Call", "Hidden", "MockProvider"]
+import taskgate
+from taskgate.provider import Reported
+
+__all__ = ["Call", "Hidden", "MockProvider", "admitted_at", "call_provider"]
 
 
 @dataclass
@@ -218,3 +224,45 @@ class MockProvider:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+
+# -- the caller: a throttled task body (Celery or RQ) ----------------------------------------------------
+
+
+def admitted_at() -> float:
+    """When the engine admitted the running task (epoch s, the engine's clock): its lease's expiry minus the
+    lease TTL. Body start would be later by the admit's reply and the task's startup, so a task admitted
+    just before a hold was written could look as if it started after it."""
+    held = taskgate.current()
+    backend = getattr(held, "backend", None)
+    for a in getattr(held, "admissions", ()):
+        c = backend.policy(a.policy).concurrency if backend is not None else None
+        if a.lease_expires_at and c is not None:
+            return float(a.lease_expires_at - c.lease_ttl_ms) / 1000.0
+    return time.time()
+
+
+def call_provider(url: str, call_id: str, tokens: int = 100) -> int:
+    """One provider call from a throttled task: report what it said; on a 429 tell the mock when the engine's
+    hold was written (for its check) and raise (the gate defers the task)."""
+    started = admitted_at()
+    req = urllib.request.Request(
+        url + "/v1/call",
+        data=b"",
+        method="POST",
+        headers={"X-Call": call_id, "X-Started": repr(started), "X-Tokens": str(tokens)},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            taskgate.current().report(resp.headers)
+            return int(resp.status)
+    except urllib.error.HTTPError as e:
+        if e.code != 429:
+            raise
+        got = cast("list[Reported]", taskgate.current().report(e))
+        hold = max(got, key=lambda r: r.hold_until)
+        if hold.hold_until:
+            written = (hold.hold_until - hold.retry_after_ms) / 1000.0  # the engine's clock at the write
+            q = f"{url}/held?written={written!r}&until={hold.hold_until / 1000.0!r}"
+            urllib.request.urlopen(urllib.request.Request(q, data=b"", method="POST"), timeout=10).close()
+        raise

@@ -8,66 +8,28 @@ TGB_RECORD (a Redis URL where completions are counted), TGB_PROVIDER (the mock's
 from __future__ import annotations
 
 import os
-import time
-import urllib.error
-import urllib.request
-from typing import Any, cast
+from typing import Any
 
 import redis
 from celery import Celery
 
 import taskgate
 import taskgate.celery
-from taskgate.provider import Reported
+from bench.mock_provider import call_provider
 
-#  no rate of its own: the provider sets it. An adaptive concurrency limit shared by the fleet.
+__all__ = ["KEY", "POLICIES", "app", "call", "call_provider"]
+
+#  no rate of its own: the provider sets it. An adaptive concurrency limit shared by the fleet. TGB_PARK:
+#  the policy's deferral.park (auto: the waiting room only on a store that persists); TGB_HORIZON: its
+#  provider.horizon (how far ahead callers paced by the provider get return slots).
 POLICIES: dict[str, Any] = {
     "llm": {
         "concurrency": {"minLimit": 4, "maxLimit": 32, "leaseTtl": "30s"},
-        "provider": {"maxDeferrals": 50},
-        "deferral": {"maxDeferrals": 1000},
+        "provider": {"maxDeferrals": 50, "horizon": os.environ.get("TGB_HORIZON", "10s")},
+        "deferral": {"maxDeferrals": 1000, "park": os.environ.get("TGB_PARK", "auto")},
     },
 }
 KEY = "org-1"  # one provider key (API key / organisation) shared by every worker
-
-
-def admitted_at() -> float:
-    """When the engine admitted the running task (epoch s, the engine's clock): its lease's expiry minus the
-    lease TTL. Body start would be later by the admit's reply and the task's startup, so a task admitted
-    just before a hold was written could look as if it started after it."""
-    held = taskgate.current()
-    backend = getattr(held, "backend", None)
-    for a in getattr(held, "admissions", ()):
-        c = backend.policy(a.policy).concurrency if backend is not None else None
-        if a.lease_expires_at and c is not None:
-            return float(a.lease_expires_at - c.lease_ttl_ms) / 1000.0
-    return time.time()
-
-
-def call_provider(url: str, call_id: str, tokens: int = 100) -> int:
-    """One provider call from a throttled task: report what it said; on a 429 tell the mock when the engine's
-    hold was written (for its check) and raise (the gate defers the task)."""
-    started = admitted_at()
-    req = urllib.request.Request(
-        url + "/v1/call",
-        data=b"",
-        method="POST",
-        headers={"X-Call": call_id, "X-Started": repr(started), "X-Tokens": str(tokens)},
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            taskgate.current().report(resp.headers)
-            return int(resp.status)
-    except urllib.error.HTTPError as e:
-        if e.code != 429:
-            raise
-        got = cast("list[Reported]", taskgate.current().report(e))
-        hold = max(got, key=lambda r: r.hold_until)
-        if hold.hold_until:
-            written = (hold.hold_until - hold.retry_after_ms) / 1000.0  # the engine's clock at the write
-            q = f"{url}/held?written={written!r}&until={hold.hold_until / 1000.0!r}"
-            urllib.request.urlopen(urllib.request.Request(q, data=b"", method="POST"), timeout=10).close()
-        raise
 
 
 BROKER = os.environ.get("TGB_BROKER", "amqp://guest:guest@127.0.0.1:5672//")

@@ -122,6 +122,49 @@ def test_reported_limits_pace_the_key(b: taskgate.RedisBackend) -> None:
     assert b.check("rate", "acme", now=N + 12_000).allowed
 
 
+def test_a_raised_limit_gives_return_slots_at_the_new_pace_from_now(b: taskgate.RedisBackend) -> None:
+    per_min = {"x-ratelimit-limit-requests": "60", "x-ratelimit-remaining-requests": "0"}
+    b.report("rate", "acme", per_min, now=N)  # one a second, nothing left
+    assert [b.check("rate", "acme", now=N).retry_after_ms for _ in range(4)] == [1000, 2000, 3000, 4000]
+    # the provider doubles the limit: the next callers denied are not queued behind the slots handed out
+    # at the old pace (the fleet would run at the old rate until they are used) but paced at the new one
+    b.report("rate", "acme", {**per_min, "x-ratelimit-limit-requests": "120"}, now=N + 100)
+    r = b.report(
+        "rate",
+        "acme",
+        {**per_min, "x-ratelimit-limit-requests": "120", "x-ratelimit-remaining-requests": "30"},
+        now=N + 100,
+    )
+    assert r.pacing_burst == 2  # until the old slots are past (N + 4000), no burst is banked
+    waits = [b.check("rate", "acme", now=N + 100).retry_after_ms for _ in range(3)]
+    assert waits == [500, 1000, 1500]
+    # a lowered limit leaves the cursor as it is: the next slot is after those handed out (N + 2100)
+    b.report("rate", "acme", {**per_min, "x-ratelimit-limit-requests": "60"}, now=N + 200)
+    assert b.check("rate", "acme", now=N + 200).retry_after_ms == 1900
+    # once every slot handed out at the lower pace is past, the burst is the most remaining seen + 1
+    r = b.report("rate", "acme", {**per_min, "x-ratelimit-remaining-requests": "30"}, now=N + 10_000)
+    assert r.pacing_burst == 31
+
+
+def test_a_waiting_room_is_paced_without_return_slots(b: taskgate.RedisBackend) -> None:
+    """A room is one queue: its head is promoted when the pacing next has a call; the return slots that
+    spread a broker backlog would only delay it (each parked task would push the room's due time on)."""
+    from taskgate.backends.waiting import WaitingRoom
+
+    room = WaitingRoom(b)
+    b.report(
+        "rate", "acme", {"x-ratelimit-limit-requests": "60", "x-ratelimit-remaining-requests": "0"}, now=N
+    )
+    got = [room.enter("rate", "acme", f"t{i}", b"x", now=N) for i in range(5)]
+    assert [e.status for e in got] == ["parked"] * 5
+    assert got[0].retry_after_ms == 1000  # due when the pacing has its next call, whatever waits behind
+    # promoted one a second (due the room's lead, 250 ms, before the next call of a plain gcra policy)
+    p = room.promote("rate", "acme", now=N + 1000)
+    assert ([t.task_id for t in p.tasks], p.next_due) == (["t0"], N + 2000 - room.lead_ms)
+    p = room.promote("rate", "acme", now=N + 2000)
+    assert ([t.task_id for t in p.tasks], p.next_due) == (["t1"], N + 3000 - room.lead_ms)
+
+
 def test_return_slots_stop_at_the_horizon(b: taskgate.RedisBackend) -> None:
     b.report(
         "llm", "acme", {"x-ratelimit-limit-requests": "6000", "x-ratelimit-remaining-requests": "0"}, now=N

@@ -5,6 +5,7 @@ embedded ``memory://`` store, as in ``test_celery_unit.py``."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import uuid
 from collections.abc import Iterator
@@ -227,7 +228,7 @@ def test_plain_admission_reports_an_sdk_error_once(eager: Env) -> None:
 
 
 def test_without_provider_deferral_the_error_stands_and_the_key_is_held(eager: Env) -> None:
-    """An integration that does not re-queue on a 429 (RQ for now): the hold is written, the error stands."""
+    """A group made without provider deferral (defer_on_429=False): the hold is written, the error stands."""
     g = AdmissionGroup([], backend=eager.b, key="k", policies=["llm"])  # defer_on_429=False
     with pytest.raises(RateLimitError), g:
         raise RateLimitError("5")
@@ -241,3 +242,32 @@ def test_group_report_names_a_bad_policy(eager: Env) -> None:
         g.report(status=429, policy="nope")
     with pytest.raises(RuntimeError, match="admitted without the store"):
         AdmissionGroup([], fail_open=True).report(status=429)
+
+
+def test_malformed_headers_never_raise_in_the_task(eager: Env, caplog: pytest.LogCaptureFixture) -> None:
+    """Malformed or absurd values are ignored, one debug line each; the task goes on (no hold, no pacing)."""
+    bad = {
+        "retry-after-ms": "1e999",
+        "retry-after": "soon",
+        "x-ratelimit-limit-requests": "-5",
+        "x-ratelimit-remaining-requests": "lots",
+        "x-ratelimit-reset-requests": "6 minutes",
+        "x-ratelimit-reset-tokens": "9999999h",
+        "anthropic-ratelimit-requests-reset": "yesterday",
+        "RateLimit": ";;;,,,",
+    }
+
+    @eager.task(throttle="llm", key=lambda tenant: tenant)
+    def call(tenant: str) -> list[Any]:
+        return taskgate.current().report(bad)  # type: ignore[return-value]
+
+    with caplog.at_level(logging.DEBUG, logger="taskgate"):
+        (r,) = call.delay("acme").get()
+    assert (r.hold_until, r.provider_limit, r.pacing_interval_ms, r.rate_limited) == (0, 0, 0.0, 0)
+    ignored = [
+        x.getMessage() for x in caplog.records if "ignored (malformed or out of range)" in x.getMessage()
+    ]
+    for name in [n.lower() for n in bad if n != "RateLimit"]:
+        assert len([m for m in ignored if f"provider {name} " in m]) == 1, (name, ignored)
+    assert len(ignored) == 7
+    assert eager.b.admit("llm", "acme").allowed

@@ -97,6 +97,7 @@ def script(
         for frag in _EXTRA_FRAGMENTS.get(op, ()):
             parts.append(_read(frag))
     if op in _ROOM_ADMIT_OPS:  # the waiting room admits with the very body of op admit, as a function
+        parts.append("pv_spread = false  -- provider.lua: no return slots in a room (one queue)\n")
         parts.append(f"local function tg_admit(KEYS, ARGV)\n{_read('op_admit.lua')}\nend\n")
     if consts:
         parts.append(f"local TG_CONST = {{{', '.join(_lua_str(v) for v in consts)}}}\n")

@@ -14,11 +14,11 @@ The provider (``taskgate.provider``): inside the task, ``taskgate.current().repo
 what the provider said, for every policy of the task (or one, ``policy=``). When the body raises after a 429
 was reported, or raises an SDK rate-limit error (``openai.RateLimitError``, ``anthropic.RateLimitError``:
 reported here without user code), :meth:`AdmissionGroup.__exit__` raises :class:`ProviderDeferred` instead
-when the integration re-queues such tasks (``Gate(provider_deferral=True)``: Celery): it re-queues the task
-through its deferral path, until the hold ends, without using up its retries nor ``max_deferrals``. Past the
-policy's ``provider.maxDeferrals`` such deferrals of one task, it fails with
-:class:`~taskgate.errors.ThrottledError` naming them. Elsewhere (RQ for now) the 429 is reported (the fleet
-holds the key) and the body's error stands.
+when the integration re-queues such tasks (``Gate(provider_deferral=True)``: Celery, RQ): it re-queues the
+task through its deferral path, until the hold ends, without using up its retries nor ``max_deferrals``.
+Past the policy's ``provider.maxDeferrals`` such deferrals of one task, it fails with
+:class:`~taskgate.errors.ThrottledError` naming them. Without it the 429 is reported (the fleet holds the
+key) and the body's error stands.
 """
 
 from __future__ import annotations

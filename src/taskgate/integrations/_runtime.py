@@ -34,7 +34,7 @@ class Runtime:
 
     SETTINGS: ClassVar[Mapping[str, Any]] = {}
     where: ClassVar[str] = "taskgate"  # names the caller in errors
-    # a task whose body met the provider's 429 is deferred, not failed (the queue knows how: Celery so far)
+    # a task whose body met the provider's 429 is deferred, not failed (the queue knows how: Celery, RQ)
     PROVIDER_DEFERRAL: ClassVar[bool] = False
 
     def __init__(

@@ -25,7 +25,7 @@ local function deny(d, axis)
 end
 
 -- the provider's hold and pacing first
-local pv = pv_look(K_pv, now, true)
+local pv = pv_look(K_pv, now, pv_spread)
 if pv ~= nil and pv.allowed == 0 then return deny({ 0, pv.cap, 0, pv.at, pv.wait }, 'provider') end
 
 -- rate axis (non-consuming look first)

@@ -11,7 +11,11 @@
 -- provider.lua) and its remaining is lowered to the reported one
 -- (never raised: calls in flight are not in the provider's count yet); a 429 with a known pacing and no
 -- remaining counts as remaining 0; each budget's remaining in its current window is lowered to the reported
--- tokens remaining; a 429 shrinks an adaptive concurrency limit (x0.75, as a dropped release does).
+-- tokens remaining; a 429 shrinks an adaptive concurrency limit (x0.75, as a dropped release does); a raised
+-- limit re-bases the return cursor (wq) to now, so callers denied from then on come back at the new pace
+-- instead of after the slots handed out at the old one (those callers sleep on their return times: without
+-- it the fleet kept the old rate for up to provider.horizon, the provider's bucket refilled meanwhile, and
+-- the next callers to ask took that burst at once, over the new limit).
 -- Reply {hold_until (0 none), now, concurrency limit (0 none), provider's limit (0 none), pacing interval us,
 --        budgets lowered, 429s reported on this key, pacing burst (0 none), ms of hold this report added}
 -- Counters (policy `counters: true`): stats.lua wraps this body and adds its KEYS and one ARGV after these.
@@ -20,7 +24,7 @@ local hold, longest, limited = tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4] == 
 local rlimit, rrem, rwin, trem = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
 local minl, maxl, hz, nb = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11]), tonumber(ARGV[12])
 local K = KEYS[1]
-local h = redis.call('HMGET', K, 'u', 'iv', 'cap', 'tat')
+local h = redis.call('HMGET', K, 'u', 'iv', 'cap', 'tat', 'wq', 'wu')
 local u = tonumber(h[1]) or 0
 local ttl, added = 0, 0
 if hold > 0 then
@@ -40,13 +44,29 @@ if iv ~= nil then
   rem = cap - (t - now) / iv
 end
 local plimit = tonumber(redis.call('HGET', K, 'lim')) or 0
+-- denied callers hold return slots until then: the cursor (provider.lua: wq), or the slots handed out
+-- before a raised limit re-based it (wu)
+local slow = tonumber(h[6]) or 0
+local waiting = math.max(tonumber(h[5]) or 0, slow)
+local backlog = waiting > now
 if rlimit > 0 and rwin > 0 then
   local niv = rwin / rlimit
   local mr = tonumber(redis.call('HGET', K, 'mr'))
   if mr == nil or iv == nil or math.abs(niv - iv) > pv_tol(iv) then mr = -1 end  -- a new limit: observe again
+  if backlog and iv ~= nil and niv < iv - pv_tol(iv) then
+    -- a raised limit: the next denied callers get return slots at the new pace from now, between those
+    -- handed out at the old pace (the fleet reaches the new rate once callers ask, not after the old slots)
+    redis.call('HSET', K, 'wq', string.format('%.17g', now), 'wu', string.format('%.17g', waiting))
+    slow = waiting
+  end
   if rrem > mr then mr = rrem end
   iv, cap, plimit = niv, rlimit, rlimit
   if mr >= 0 and mr + 1 < cap then cap = mr + 1 end
+  -- Until the slots handed out at a lower limit are past, the pacing banks no burst (2: one call of slack
+  -- for a caller late to its slot): those callers sleep until their slots, so the fleet runs under the new
+  -- limit until others ask, and the provider's bucket refills meanwhile; the calls left unused are not
+  -- handed out at once to the next ones to ask (callers beyond the horizon come back in bunches).
+  if slow > now and cap > 2 then cap = 2 end
   redis.call('HSET', K, 'iv', string.format('%.17g', iv), 'cap', cap, 'mr', mr, 'lim', rlimit, 'hz', hz)
 end
 if iv ~= nil then

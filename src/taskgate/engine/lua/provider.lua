@@ -21,6 +21,9 @@
 -- provider.horizon); a caller beyond it is told to come back then and ask again, so a backlog that waits
 -- follows a raised limit within hz instead of keeping the return times of the old one.
 -- Pacing is taskgate's own (not a ThrottleKit decision): its comparisons forgive a few ulps of float error.
+-- pv_spread: whether admit hands out return slots (the waiting room's ops set it false: a room is one queue,
+-- its head comes back when the pacing next has a call, and the slots would only delay it).
+local pv_spread = true
 local function pv_tol(x)
   local a = math.abs(x)
   if a < 1 then a = 1 end

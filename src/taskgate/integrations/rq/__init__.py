@@ -50,6 +50,10 @@ How it works:
 - A policy that parks (``deferral.park``, :mod:`taskgate.integrations.waiting`) keeps a denied job in the
   engine's waiting room instead of RQ's scheduled registry, and the worker's promoter puts it back at the
   front of its queue once admitted (:mod:`.room`).
+- The provider's 429: a job whose body reported a 429 (``taskgate.current().report(...)``) or raised an SDK
+  rate-limit error is deferred until the fleet-wide hold ends (through the scheduler, or parked again in
+  the waiting room), not failed: no RQ retry or failure callback, no ``max_deferrals`` used; past the
+  policy's ``provider.maxDeferrals`` it fails with :class:`~taskgate.ThrottledError` naming them.
 - A deferred job only comes back through RQ's scheduler: the worker refuses to start without
   ``--with-scheduler`` unless another scheduler holds the scheduler lock of each of its queues.
 

@@ -3,7 +3,10 @@ with (handed over on the job object, a :class:`_Verdict`; a forked horse gets it
 memory). It heartbeats the leases while the body runs and makes ``taskgate.current()`` return them. A forked
 horse says on a shared page (``mmap``) that the body ended, and whether it raised; the worker then releases
 the leases, so the horse of a short job never opens a connection to the store. Without a fork the job
-releases them itself."""
+releases them itself. A body that met the provider's 429 (reported with ``taskgate.current().report``, or
+an SDK rate-limit error) raises :class:`~taskgate.integrations._gate.ProviderDeferred` out of
+:meth:`Job.perform` (forked or not), and the worker defers the job instead of failing it
+(:meth:`~taskgate.integrations.rq.worker._GatedWorker._finalize_failure`)."""
 
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import rq.job
 
 from taskgate.admission import Admission, HeartbeatPump, _current
 from taskgate.errors import BackendUnavailableError
-from taskgate.integrations._gate import AdmissionGroup
+from taskgate.integrations._gate import AdmissionGroup, ProviderDeferred
 from taskgate.integrations.rq.jobs import ATTR, META
 
 __all__ = ["Job"]
@@ -80,6 +83,15 @@ class Job(rq.job.Job):
             result = super().perform()
             outcome = 1
             return result
+        except Exception as e:
+            try:
+                deferral = group._provider_deferral(e)  # a 429: raises past provider.maxDeferrals
+            finally:
+                if group.reported:
+                    outcome = 1  # a 429 already shrank an adaptive limit in the report: not a second time
+            if deferral is not None:
+                raise ProviderDeferred(deferral) from e  # the worker defers the job (worker.py)
+            raise
         finally:
             _current.reset(token)
             verdict.ended[0] = outcome

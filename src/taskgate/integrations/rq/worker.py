@@ -23,11 +23,11 @@ from rq.job import JobStatus
 from rq.results import Result
 from rq.scheduler import SCHEDULER_KEY_TEMPLATE, RQScheduler
 from rq.timeouts import TimerDeathPenalty, UnixSignalDeathPenalty
-from rq.utils import as_text, import_job_class, utcparse
+from rq.utils import as_text, import_job_class, now, utcparse
 
 from taskgate.backends.waiting import Promoted
 from taskgate.errors import BackendUnavailableError
-from taskgate.integrations._gate import Admitted, DeferralState, Deferred, Parked
+from taskgate.integrations._gate import Admitted, DeferralState, Deferred, Parked, ProviderDeferred, _undo
 from taskgate.integrations._runtime import Runtime
 from taskgate.integrations.options import ThrottleOptions
 from taskgate.integrations.rq.horse import _RESTORED, _VERDICT, Job, _Verdict
@@ -68,6 +68,7 @@ class RqRuntime(Runtime):
         "booked_wait_ms": 1000,
     }
     where = "taskgate.rq"
+    PROVIDER_DEFERRAL = True  # a job whose body met the provider's 429 is deferred, not failed
 
     def wrap_door(self, backend: Any) -> Any:
         return _WorkerDoor(backend)
@@ -352,9 +353,77 @@ class _GatedWorker(rq.worker.BaseWorker):
             except BackendUnavailableError as e:
                 log.warning("taskgate: release failed (%s); the slot frees when its lease expires", e)
 
-    def _defer(self, job: rq.job.Job, queue: rq.Queue, out: Deferred) -> None:
+    # -- the provider's 429 (horse.py raises ProviderDeferred out of the job body) -----------------------
+
+    def _finalize_failure(self, job: rq.job.Job, queue: rq.Queue, execution: Any, exc_info: Any) -> None:
+        """A job whose body met the provider's 429 is deferred until the provider's hold ends (parked again
+        in its waiting room, or through RQ's scheduler), not failed: no RQ retry, no failure callback, no
+        ``max_deferrals`` used; ``provider.maxDeferrals`` caps such deferrals (the gate raises
+        ThrottledError past it, which fails the job here like any error). Runs in the horse (forked) or in
+        the worker (:class:`SimpleWorker`)."""
+        pd = exc_info[1]
+        if isinstance(pd, ProviderDeferred):
+            try:
+                self._provider_defer(job, queue, execution, pd.deferred)
+                return
+            except Exception:
+                log.exception(
+                    "taskgate: could not defer %s[%s] after the provider's 429", job.func_name, job.id
+                )
+        base: Any = super()
+        base._finalize_failure(job, queue, execution, exc_info)
+
+    def _provider_defer(self, job: rq.job.Job, queue: rq.Queue, execution: Any, out: Deferred) -> None:
+        job.ended_at = now()
+        job.meta[META_STATE] = out.state.as_dict()
+        opts = options_of(job)
+        if (
+            opts is None
+            or not self._parks(opts, job)
+            or not self._park_again(job, queue, opts, out, execution)
+        ):
+            self._defer(job, queue, out, execution)
+        self._release_slot_safely(job)  # RQ's own rate_limit=, if the job has one
+
+    def _park_again(
+        self, job: rq.job.Job, queue: rq.Queue, opts: ThrottleOptions, out: Deferred, execution: Any
+    ) -> bool:
+        """Park a job that met the provider's 429 in the waiting room of the policy refused (the provider's
+        hold now denies its key; promoted when it ends). False if it was admitted at once (the hold ended
+        already): the caller defers it through RQ's scheduler instead."""
+        rt = self.taskgate
+        p = rt.backend.policy(out.policy)
+        cost = opts.units_for("cost", job.args, job.kwargs) if p.rate else 1
+        tokens = opts.units_for("tokens", job.args, job.kwargs) if p.budgets else 0
+        key = opts.key_for(job.args, job.kwargs)
+        e = rt.room().enter(p.name, key, room_id(job), payload(job, queue.name), cost, tokens, dedupe=False)
+        if e.status != "parked":
+            if e.admission is not None:
+                _undo([e.admission])
+            return False
+        with self.connection.pipeline() as pipe:
+            self.cleanup_execution(job, pipeline=pipe, execution=execution)
+            pipe.lrem(queue.intermediate_queue_key, 1, job.id)
+            pipe.hset(
+                job.key, mapping={"status": JobStatus.SCHEDULED.value, "meta": job.serializer.dumps(job.meta)}
+            )
+            pipe.execute()
+        job._status = JobStatus.SCHEDULED
+        log.info(
+            "taskgate: %s[%s] met the provider's 429: parked again (policy %r, provider deferral #%d)",
+            job.func_name,
+            job.id,
+            out.policy,
+            out.state.provider,
+        )
+        self._hook(self.job_parked, job, Parked(out.policy, e.depth, "provider"))
+        return True
+
+    def _defer(self, job: rq.job.Job, queue: rq.Queue, out: Deferred, execution: Any = None) -> None:
         counted = out.reason == "throttled"  # waits for the store (fail: closed) are not deferrals
-        state = DeferralState(out.state.deferrals + counted, out.state.bookings, out.state.outages)
+        state = DeferralState(
+            out.state.deferrals + counted, out.state.bookings, out.state.outages, provider=out.state.provider
+        )
         job.meta[META_STATE] = state.as_dict()
         now = time.time()
         target = now + out.countdown_ms / 1000.0
@@ -375,6 +444,8 @@ class _GatedWorker(rq.worker.BaseWorker):
         elif META_AT_FRONT in job.meta:
             job.enqueue_at_front = job.meta.pop(META_AT_FRONT)  # saved with the job below
         with self.connection.pipeline() as p:
+            if execution is not None:  # deferred by the provider after its body ran (the horse's execution)
+                self.cleanup_execution(job, pipeline=p, execution=execution)
             p.lrem(queue.intermediate_queue_key, 1, job.id)  # else maintenance fails it as "stuck"
             queue.schedule_job(job, when, pipeline=p)
             if booked:
