@@ -39,12 +39,13 @@ class Held(Protocol):
     ) -> object: ...
 
 
-_current: contextvars.ContextVar[Held | None] = contextvars.ContextVar("taskgate_current", default=None)
+held_here: contextvars.ContextVar[Held | None] = contextvars.ContextVar("taskgate_current", default=None)
+"""What :func:`current` returns: set by ``with admission:`` and by the integrations around a task body."""
 
 
 def current() -> Held:
     """The admission held by the running task (Celery, RQ) or ``with backend.admit(...)`` block."""
-    a = _current.get()
+    a = held_here.get()
     if a is None:
         raise RuntimeError(
             "taskgate.current(): no admission is held here (call it inside a throttled task or a "

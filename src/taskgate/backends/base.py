@@ -17,7 +17,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from taskgate.admission import Admission, AsyncAdmission, AsyncReservation, Reservation
+    from taskgate.backends._async.admission import AsyncAdmission, AsyncReservation
+    from taskgate.backends._sync.admission import Admission, Reservation
     from taskgate.policy import Policies, Policy
     from taskgate.provider import Reported
     from taskgate.types import Decision, Forecast, HeartbeatReply, Settlement

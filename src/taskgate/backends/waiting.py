@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from taskgate.admission import Admission
+from taskgate.backends._sync.admission import Admission
 from taskgate.backends.fairness import Weights, check_weight
 from taskgate.backends.redis import RedisBackend
 from taskgate.engine import script

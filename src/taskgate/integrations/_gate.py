@@ -32,7 +32,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from taskgate.admission import Admission, _current, usage_tokens
+from taskgate.admission import Admission, held_here, usage_tokens
 from taskgate.backends.base import Backend
 from taskgate.backends.waiting import WaitingRoom
 from taskgate.errors import BackendUnavailableError, TaskgateError, ThrottledError
@@ -202,7 +202,7 @@ class AdmissionGroup:
         return Deferred(wait + jitter, nxt, name, "provider", None, spec, reason="provider")
 
     def __enter__(self) -> AdmissionGroup:
-        self._token = _current.set(self)
+        self._token = held_here.set(self)
         return self
 
     def __exit__(self, et: object, e: object, tb: object) -> None:
@@ -215,7 +215,7 @@ class AdmissionGroup:
                 self.release(dropped=et is not None and not self.reported)
             finally:
                 if self._token is not None:
-                    _current.reset(self._token)
+                    held_here.reset(self._token)
                     self._token = None
         if deferral is not None:
             raise ProviderDeferred(deferral) from (e if isinstance(e, BaseException) else None)

@@ -11,7 +11,7 @@ import weakref
 from types import TracebackType
 from typing import TYPE_CHECKING, Protocol
 
-from taskgate.backends._admission_base import AdmissionState, ReservationState, _current
+from taskgate.backends._admission_base import AdmissionState, ReservationState, held_here
 from taskgate.backends._concurrency import AsyncLock, AsyncTicker
 from taskgate.errors import TaskgateError
 from taskgate.provider import Reported, is_rate_limit_error
@@ -126,7 +126,7 @@ class AsyncAdmission(AdmissionState):
                 self.stop_heartbeat()
 
     async def __aenter__(self) -> AsyncAdmission:
-        self._token = _current.set(self)
+        self._token = held_here.set(self)
         return self
 
     async def __aexit__(
@@ -143,7 +143,7 @@ class AsyncAdmission(AdmissionState):
                 await self.release(dropped=et is not None and self.rate_limited is None)
         finally:
             if self._token is not None:
-                _current.reset(self._token)
+                held_here.reset(self._token)
                 self._token = None
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import rq.job
 
-from taskgate.admission import Admission, HeartbeatPump, _current
+from taskgate.admission import Admission, HeartbeatPump, held_here
 from taskgate.errors import BackendUnavailableError
 from taskgate.integrations._gate import AdmissionGroup, ProviderDeferred
 from taskgate.integrations.rq.jobs import ATTR, META
@@ -77,7 +77,7 @@ class Job(rq.job.Job):
         if verdict.ended is None:  # not forked: release here
             with group:
                 return super().perform()
-        token = _current.set(group)
+        token = held_here.set(group)
         outcome = 2
         try:
             result = super().perform()
@@ -93,7 +93,7 @@ class Job(rq.job.Job):
                 raise ProviderDeferred(deferral) from e  # the worker defers the job (worker.py)
             raise
         finally:
-            _current.reset(token)
+            held_here.reset(token)
             verdict.ended[0] = outcome
             _hand_back(group)
 
