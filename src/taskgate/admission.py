@@ -14,7 +14,8 @@ never forgotten, and a crashed holder's reservation stays charged until its wind
 
 from __future__ import annotations
 
-from taskgate.backends._admission_base import Held, current, held_here, usage_tokens
+from taskgate.backends._admission_base import Held, current, usage_tokens
+from taskgate.backends._admission_base import held_here as held_here  # (the integrations set it)
 from taskgate.backends._async.admission import AsyncAdmission, AsyncReservation
 from taskgate.backends._async.admission import AsyncHeartbeatPump as AsyncHeartbeatPump
 from taskgate.backends._sync.admission import Admission, Reservation
@@ -27,6 +28,5 @@ __all__ = [
     "Held",
     "Reservation",
     "current",
-    "held_here",
     "usage_tokens",
 ]
